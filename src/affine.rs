@@ -1,0 +1,553 @@
+//! The fold algebra: an *affine convolution* `y = W ⊛ x + b` with its geometry (strides, pads,
+//! dilations, groups), as a plain value with no protobuf in it. Every branch of a block is one;
+//! a BatchNormalization after a conv is a per-channel scale and shift; an identity branch is a
+//! 1-tap kernel with ones on the (grouped) diagonal; a sum of branches embeds every kernel into
+//! one that covers them all, at the offset their pads dictate. All arithmetic is in f64.
+
+use std::fmt;
+
+use ndarray::{Array1, ArrayD, IxDyn, Slice};
+
+/// Strides, dilations, pads and group count of a convolution over `rank` spatial axes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pads_begin: Vec<usize>,
+    pub pads_end: Vec<usize>,
+    pub group: usize,
+}
+
+impl Geometry {
+    /// Stride 1, dilation 1, no padding.
+    pub fn unit(rank: usize, group: usize) -> Geometry {
+        Geometry {
+            strides: vec![1; rank],
+            dilations: vec![1; rank],
+            pads_begin: vec![0; rank],
+            pads_end: vec![0; rank],
+            group,
+        }
+    }
+
+    /// Number of spatial axes.
+    pub fn rank(&self) -> usize {
+        self.strides.len()
+    }
+}
+
+/// Why branches cannot be summed into one convolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlgebraError {
+    /// Branches convolve over different numbers of spatial axes.
+    Rank { left: usize, right: usize },
+    /// Branches have different group counts.
+    Group { left: usize, right: usize },
+    /// Branches produce different numbers of channels.
+    OutChannels { left: usize, right: usize },
+    /// Branches read different numbers of input channels per group.
+    InChannels { left: usize, right: usize },
+    /// Branches step over the input differently.
+    Stride {
+        axis: usize,
+        left: usize,
+        right: usize,
+    },
+    /// Branches with a kernel wider than 1 use different dilations.
+    Dilation {
+        axis: usize,
+        left: usize,
+        right: usize,
+    },
+    /// A branch's pad offset is not a whole number of (dilated) taps.
+    Misaligned { axis: usize },
+    /// Branches produce outputs of different sizes on an axis.
+    OutputSize { axis: usize },
+    /// A per-channel scale or shift has the wrong length.
+    ChannelParams { expected: usize, got: usize },
+    /// Nothing to sum.
+    Empty,
+}
+
+impl fmt::Display for AlgebraError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AlgebraError::Rank { left, right } => {
+                write!(f, "branches have {left} and {right} spatial axes")
+            }
+            AlgebraError::Group { left, right } => {
+                write!(f, "branches use group={left} and group={right}")
+            }
+            AlgebraError::OutChannels { left, right } => {
+                write!(f, "branches produce {left} and {right} channels")
+            }
+            AlgebraError::InChannels { left, right } => write!(
+                f,
+                "branches read {left} and {right} input channels per group"
+            ),
+            AlgebraError::Stride { axis, left, right } => write!(
+                f,
+                "branches use strides {left} and {right} on spatial axis {axis}"
+            ),
+            AlgebraError::Dilation { axis, left, right } => write!(
+                f,
+                "branches use dilations {left} and {right} on spatial axis {axis}"
+            ),
+            AlgebraError::Misaligned { axis } => write!(
+                f,
+                "branch pads on spatial axis {axis} do not align to whole kernel taps"
+            ),
+            AlgebraError::OutputSize { axis } => write!(
+                f,
+                "branches produce different output sizes on spatial axis {axis} (pads disagree)"
+            ),
+            AlgebraError::ChannelParams { expected, got } => write!(
+                f,
+                "per-channel parameters have {got} values for {expected} channels"
+            ),
+            AlgebraError::Empty => write!(f, "no branch to sum"),
+        }
+    }
+}
+
+/// `y = W ⊛ x + b` with W of shape `[O, C/group, k_1, .., k_r]` and b of length O.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffineConv {
+    pub weight: ArrayD<f64>,
+    pub bias: Array1<f64>,
+    pub geometry: Geometry,
+}
+
+impl AffineConv {
+    /// Output channels (O).
+    pub fn out_channels(&self) -> usize {
+        self.weight.shape()[0]
+    }
+
+    /// Input channels (C = C/group · group).
+    pub fn in_channels(&self) -> usize {
+        self.weight.shape()[1] * self.geometry.group
+    }
+
+    /// Kernel extent per spatial axis.
+    pub fn kernel(&self) -> &[usize] {
+        &self.weight.shape()[2..]
+    }
+
+    /// The identity on `channels` channels as a 1-tap convolution with `group` groups:
+    /// `W[i, i mod (C/group), 0, ..] = 1`.
+    pub fn identity(channels: usize, group: usize, rank: usize) -> AffineConv {
+        let per_group = channels / group.max(1);
+        let mut shape = vec![channels, per_group];
+        shape.extend(std::iter::repeat_n(1, rank));
+        let mut weight = ArrayD::zeros(IxDyn(&shape));
+        for i in 0..channels {
+            let mut idx = vec![i, i % per_group.max(1)];
+            idx.extend(std::iter::repeat_n(0, rank));
+            weight[IxDyn(&idx)] = 1.0;
+        }
+        AffineConv {
+            weight,
+            bias: Array1::zeros(channels),
+            geometry: Geometry::unit(rank, group),
+        }
+    }
+
+    /// Applies `y ↦ y·scale + shift` per output channel (a BatchNormalization, Mul or Add).
+    pub fn scale_shift(mut self, scale: &[f64], shift: &[f64]) -> Result<AffineConv, AlgebraError> {
+        let o = self.out_channels();
+        for got in [scale.len(), shift.len()] {
+            if got != o {
+                return Err(AlgebraError::ChannelParams { expected: o, got });
+            }
+        }
+        for (c, mut w) in self.weight.outer_iter_mut().enumerate() {
+            w *= scale[c];
+        }
+        for c in 0..o {
+            self.bias[c] = self.bias[c] * scale[c] + shift[c];
+        }
+        Ok(self)
+    }
+
+    /// Sums branches that read the same input into one convolution.
+    pub fn sum(terms: &[AffineConv]) -> Result<AffineConv, AlgebraError> {
+        let first = terms.first().ok_or(AlgebraError::Empty)?;
+        let rank = first.geometry.rank();
+        for t in &terms[1..] {
+            check_compatible(first, t)?;
+        }
+        let mut target = Geometry {
+            strides: first.geometry.strides.clone(),
+            dilations: vec![1; rank],
+            pads_begin: vec![0; rank],
+            pads_end: vec![0; rank],
+            group: first.geometry.group,
+        };
+        let mut kernel = vec![0; rank];
+        let mut offsets = vec![vec![0; rank]; terms.len()];
+        for axis in 0..rank {
+            let d = axis_dilation(terms, axis)?;
+            let begin = terms
+                .iter()
+                .map(|t| t.geometry.pads_begin[axis])
+                .max()
+                .unwrap_or(0);
+            let extra = |t: &AffineConv| {
+                let k = t.kernel()[axis];
+                let g = &t.geometry;
+                (g.pads_begin[axis] + g.pads_end[axis]) as i64 - (d * (k - 1)) as i64
+            };
+            let e = extra(first);
+            for (i, t) in terms.iter().enumerate() {
+                if extra(t) != e {
+                    return Err(AlgebraError::OutputSize { axis });
+                }
+                let shift = begin - t.geometry.pads_begin[axis];
+                if shift % d != 0 {
+                    return Err(AlgebraError::Misaligned { axis });
+                }
+                offsets[i][axis] = shift / d;
+                kernel[axis] = kernel[axis].max(offsets[i][axis] + t.kernel()[axis]);
+            }
+            target.dilations[axis] = d;
+            target.pads_begin[axis] = begin;
+            let end = e + (d * (kernel[axis] - 1)) as i64 - begin as i64;
+            target.pads_end[axis] =
+                usize::try_from(end).map_err(|_| AlgebraError::OutputSize { axis })?;
+        }
+        let mut shape = vec![first.out_channels(), first.weight.shape()[1]];
+        shape.extend(&kernel);
+        let mut weight = ArrayD::zeros(IxDyn(&shape));
+        let mut bias = Array1::zeros(first.out_channels());
+        for (t, offset) in terms.iter().zip(&offsets) {
+            let mut window = weight.slice_each_axis_mut(|ax| {
+                let i = ax.axis.index();
+                if i < 2 {
+                    Slice::from(..)
+                } else {
+                    let start = offset[i - 2];
+                    Slice::from(start..start + t.kernel()[i - 2])
+                }
+            });
+            window += &t.weight;
+            bias += &t.bias;
+        }
+        Ok(AffineConv {
+            weight,
+            bias,
+            geometry: target,
+        })
+    }
+}
+
+fn check_compatible(a: &AffineConv, b: &AffineConv) -> Result<(), AlgebraError> {
+    let (ga, gb) = (&a.geometry, &b.geometry);
+    if ga.rank() != gb.rank() {
+        return Err(AlgebraError::Rank {
+            left: ga.rank(),
+            right: gb.rank(),
+        });
+    }
+    if ga.group != gb.group {
+        return Err(AlgebraError::Group {
+            left: ga.group,
+            right: gb.group,
+        });
+    }
+    if a.out_channels() != b.out_channels() {
+        return Err(AlgebraError::OutChannels {
+            left: a.out_channels(),
+            right: b.out_channels(),
+        });
+    }
+    if a.weight.shape()[1] != b.weight.shape()[1] {
+        return Err(AlgebraError::InChannels {
+            left: a.weight.shape()[1],
+            right: b.weight.shape()[1],
+        });
+    }
+    for axis in 0..ga.rank() {
+        if ga.strides[axis] != gb.strides[axis] {
+            return Err(AlgebraError::Stride {
+                axis,
+                left: ga.strides[axis],
+                right: gb.strides[axis],
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The dilation shared by every branch whose kernel is wider than one tap on `axis` (a 1-tap
+/// axis has no dilation to speak of).
+fn axis_dilation(terms: &[AffineConv], axis: usize) -> Result<usize, AlgebraError> {
+    let mut found: Option<usize> = None;
+    for t in terms.iter().filter(|t| t.kernel()[axis] > 1) {
+        let d = t.geometry.dilations[axis];
+        match found {
+            Some(f) if f != d => {
+                return Err(AlgebraError::Dilation {
+                    axis,
+                    left: f,
+                    right: d,
+                });
+            }
+            _ => found = Some(d),
+        }
+    }
+    Ok(found.unwrap_or(1).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The algebra is checked against a naive direct convolution written here from the ONNX
+    //! Conv definition, never against itself.
+    use super::*;
+
+    /// Direct 2-D convolution of `x` [C, H, W] by `conv`, straight from the ONNX definition.
+    fn naive_conv2d(x: &ndarray::Array3<f64>, conv: &AffineConv) -> ndarray::Array3<f64> {
+        let g = &conv.geometry;
+        let (c, h, w) = x.dim();
+        let o = conv.out_channels();
+        let (kh, kw) = (conv.kernel()[0], conv.kernel()[1]);
+        let cg = c / g.group;
+        let og = o / g.group;
+        let oh = (h + g.pads_begin[0] + g.pads_end[0] - g.dilations[0] * (kh - 1) - 1)
+            / g.strides[0]
+            + 1;
+        let ow = (w + g.pads_begin[1] + g.pads_end[1] - g.dilations[1] * (kw - 1) - 1)
+            / g.strides[1]
+            + 1;
+        let mut y = ndarray::Array3::zeros((o, oh, ow));
+        for oc in 0..o {
+            let grp = oc / og;
+            for i in 0..oh {
+                for j in 0..ow {
+                    let mut acc = conv.bias[oc];
+                    for ic in 0..cg {
+                        for a in 0..kh {
+                            for b in 0..kw {
+                                let yy = (i * g.strides[0] + a * g.dilations[0]) as i64
+                                    - g.pads_begin[0] as i64;
+                                let xx = (j * g.strides[1] + b * g.dilations[1]) as i64
+                                    - g.pads_begin[1] as i64;
+                                if yy < 0 || xx < 0 || yy >= h as i64 || xx >= w as i64 {
+                                    continue;
+                                }
+                                acc += conv.weight[[oc, ic, a, b]]
+                                    * x[[grp * cg + ic, yy as usize, xx as usize]];
+                            }
+                        }
+                    }
+                    y[[oc, i, j]] = acc;
+                }
+            }
+        }
+        y
+    }
+
+    /// Deterministic pseudo-random values (a tiny LCG, so the tests need no RNG crate).
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn conv(
+        o: usize,
+        cg: usize,
+        k: [usize; 2],
+        pads: [usize; 4],
+        stride: usize,
+        dil: usize,
+        group: usize,
+        seed: u64,
+    ) -> AffineConv {
+        let n = o * cg * k[0] * k[1];
+        AffineConv {
+            weight: ArrayD::from_shape_vec(IxDyn(&[o, cg, k[0], k[1]]), values(n, seed)).unwrap(),
+            bias: Array1::from(values(o, seed + 1)),
+            geometry: Geometry {
+                strides: vec![stride; 2],
+                dilations: vec![dil; 2],
+                pads_begin: vec![pads[0], pads[1]],
+                pads_end: vec![pads[2], pads[3]],
+                group,
+            },
+        }
+    }
+
+    fn input(c: usize, h: usize, w: usize) -> ndarray::Array3<f64> {
+        ndarray::Array3::from_shape_vec((c, h, w), values(c * h * w, 99)).unwrap()
+    }
+
+    fn assert_close(a: &ndarray::Array3<f64>, b: &ndarray::Array3<f64>) {
+        assert_eq!(a.dim(), b.dim());
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-12, "max abs difference {worst}");
+    }
+
+    fn check_sum(branches: &[AffineConv], x: &ndarray::Array3<f64>) -> AffineConv {
+        let fused = AffineConv::sum(branches).unwrap();
+        let mut expected = naive_conv2d(x, &branches[0]);
+        for b in &branches[1..] {
+            expected += &naive_conv2d(x, b);
+        }
+        assert_close(&naive_conv2d(x, &fused), &expected);
+        fused
+    }
+
+    #[test]
+    fn repvgg_block_with_identity() {
+        let x = input(4, 6, 5);
+        let mut id = AffineConv::identity(4, 1, 2);
+        id = id
+            .scale_shift(&[0.5, 2.0, -1.0, 3.0], &[0.1, 0.2, 0.3, 0.4])
+            .unwrap();
+        let fused = check_sum(
+            &[
+                conv(4, 4, [3, 3], [1, 1, 1, 1], 1, 1, 1, 1),
+                conv(4, 4, [1, 1], [0; 4], 1, 1, 1, 2),
+                id,
+            ],
+            &x,
+        );
+        assert_eq!(fused.kernel(), &[3, 3]);
+        assert_eq!(fused.geometry.pads_begin, vec![1, 1]);
+    }
+
+    #[test]
+    fn stride_two_block_without_identity() {
+        let x = input(3, 7, 8);
+        check_sum(
+            &[
+                conv(6, 3, [3, 3], [1, 1, 1, 1], 2, 1, 1, 3),
+                conv(6, 3, [1, 1], [0; 4], 2, 1, 1, 4),
+            ],
+            &x,
+        );
+    }
+
+    #[test]
+    fn grouped_identity_uses_the_group_local_channel() {
+        for group in [2, 4] {
+            let x = input(8, 5, 5);
+            let id = AffineConv::identity(8, group, 2);
+            let fused = check_sum(
+                &[
+                    conv(8, 8 / group, [3, 3], [1, 1, 1, 1], 1, 1, group, 5),
+                    conv(8, 8 / group, [1, 1], [0; 4], 1, 1, group, 6),
+                    id,
+                ],
+                &x,
+            );
+            assert_eq!(fused.weight.shape(), &[8, 8 / group, 3, 3]);
+        }
+    }
+
+    #[test]
+    fn depthwise_identity() {
+        let x = input(4, 5, 5);
+        check_sum(
+            &[
+                conv(4, 1, [3, 3], [1, 1, 1, 1], 1, 1, 4, 7),
+                AffineConv::identity(4, 4, 2),
+            ],
+            &x,
+        );
+    }
+
+    #[test]
+    fn dilated_kernel_with_one_by_one_and_identity() {
+        let x = input(3, 9, 9);
+        let mut one = conv(3, 3, [1, 1], [0; 4], 1, 1, 1, 8);
+        one.geometry.dilations = vec![1, 1];
+        check_sum(
+            &[
+                conv(3, 3, [3, 3], [2, 2, 2, 2], 1, 2, 1, 9),
+                one,
+                AffineConv::identity(3, 1, 2),
+            ],
+            &x,
+        );
+    }
+
+    #[test]
+    fn asymmetric_branches_embed_at_their_offsets() {
+        let x = input(2, 6, 6);
+        check_sum(
+            &[
+                conv(2, 2, [3, 3], [1, 1, 1, 1], 1, 1, 1, 10),
+                conv(2, 2, [3, 1], [1, 0, 1, 0], 1, 1, 1, 11),
+                conv(2, 2, [1, 3], [0, 1, 0, 1], 1, 1, 1, 12),
+            ],
+            &x,
+        );
+    }
+
+    #[test]
+    fn shifted_kernels_grow_the_target() {
+        let x = input(2, 6, 6);
+        let fused = check_sum(
+            &[
+                conv(2, 2, [3, 3], [1, 1, 1, 1], 1, 1, 1, 14),
+                conv(2, 2, [3, 3], [0, 0, 2, 2], 1, 1, 1, 15),
+            ],
+            &x,
+        );
+        assert_eq!(fused.kernel(), &[4, 4]);
+    }
+
+    #[test]
+    fn scale_shift_matches_batch_norm_after_conv() {
+        let x = input(2, 4, 4);
+        let c = conv(3, 2, [3, 3], [1, 1, 1, 1], 1, 1, 1, 13);
+        let scale = [0.5, -1.5, 2.0];
+        let shift = [1.0, 0.0, -0.25];
+        let bn = c.clone().scale_shift(&scale, &shift).unwrap();
+        let mut expected = naive_conv2d(&x, &c);
+        for (ch, mut plane) in expected.outer_iter_mut().enumerate() {
+            plane.mapv_inplace(|v| v * scale[ch] + shift[ch]);
+        }
+        assert_close(&naive_conv2d(&x, &bn), &expected);
+    }
+
+    #[test]
+    fn refuses_what_is_not_one_convolution() {
+        let a = conv(4, 4, [3, 3], [1, 1, 1, 1], 1, 1, 1, 1);
+        assert!(matches!(
+            AffineConv::sum(&[a.clone(), conv(4, 4, [1, 1], [0; 4], 2, 1, 1, 2)]),
+            Err(AlgebraError::Stride { .. })
+        ));
+        assert!(matches!(
+            AffineConv::sum(&[a.clone(), conv(4, 2, [1, 1], [0; 4], 1, 1, 2, 2)]),
+            Err(AlgebraError::Group { .. })
+        ));
+        assert!(matches!(
+            AffineConv::sum(&[a.clone(), conv(4, 4, [1, 1], [1, 1, 1, 1], 1, 1, 1, 2)]),
+            Err(AlgebraError::OutputSize { .. })
+        ));
+        assert!(matches!(
+            AffineConv::sum(&[a.clone(), conv(4, 4, [3, 3], [2, 2, 2, 2], 1, 2, 1, 2)]),
+            Err(AlgebraError::Dilation { .. })
+        ));
+        assert!(matches!(
+            a.clone().scale_shift(&[1.0], &[0.0]),
+            Err(AlgebraError::ChannelParams { .. })
+        ));
+        assert_eq!(AffineConv::sum(&[]), Err(AlgebraError::Empty));
+    }
+}

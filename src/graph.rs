@@ -1,0 +1,208 @@
+//! A read-only index over the main graph: who produces and who consumes each value, which values
+//! are constants (initializers that are not graph inputs, or `Constant` nodes), and the checks
+//! that make the graph safe to rewrite (no dangling reference, no value produced twice, no cycle).
+
+use std::collections::{HashMap, HashSet};
+
+use petgraph::graph::DiGraph;
+
+use crate::error::{Error, Result};
+use crate::onnx::Model;
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
+
+/// Producer/consumer index of a model's main graph.
+#[derive(Debug)]
+pub struct GraphIndex<'m> {
+    pub model: &'m Model,
+    producer: HashMap<&'m str, usize>,
+    consumers: HashMap<&'m str, Vec<usize>>,
+    outputs: HashSet<&'m str>,
+    inputs: HashSet<&'m str>,
+    initializers: HashMap<&'m str, usize>,
+}
+
+impl<'m> GraphIndex<'m> {
+    /// Indexes the main graph and checks that it is a well-formed DAG.
+    pub fn new(model: &'m Model) -> Result<GraphIndex<'m>> {
+        let inputs: HashSet<&str> = model.inputs.iter().map(|v| v.name()).collect();
+        let outputs: HashSet<&str> = model.outputs.iter().map(|v| v.name()).collect();
+        let mut initializers = HashMap::new();
+        for (i, t) in model.initializers.iter().enumerate() {
+            if initializers.insert(t.name(), i).is_some() {
+                return Err(Error::Graph(format!(
+                    "initializer '{}' is defined twice",
+                    t.name()
+                )));
+            }
+        }
+        let mut producer = HashMap::new();
+        for (i, node) in model.nodes.iter().enumerate() {
+            for out in node.output.iter().filter(|o| !o.is_empty()) {
+                if producer.insert(out.as_str(), i).is_some()
+                    || initializers.contains_key(out.as_str())
+                {
+                    return Err(Error::Graph(format!(
+                        "value '{out}' is produced twice (node '{}')",
+                        node.name()
+                    )));
+                }
+            }
+        }
+        let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, node) in model.nodes.iter().enumerate() {
+            for name in node.input.iter().filter(|n| !n.is_empty()) {
+                let known = producer.contains_key(name.as_str())
+                    || initializers.contains_key(name.as_str())
+                    || inputs.contains(name.as_str());
+                if !known {
+                    return Err(Error::Graph(format!(
+                        "node '{}' ({}) reads '{name}', which nothing produces",
+                        node.name(),
+                        node.op_type()
+                    )));
+                }
+                consumers.entry(name.as_str()).or_default().push(i);
+            }
+            for name in outer_references(node) {
+                consumers.entry(name).or_default().push(i);
+            }
+        }
+        for out in &outputs {
+            let known = producer.contains_key(out)
+                || initializers.contains_key(out)
+                || inputs.contains(out);
+            if !known {
+                return Err(Error::Graph(format!(
+                    "graph output '{out}' is never produced"
+                )));
+            }
+        }
+        let index = GraphIndex {
+            model,
+            producer,
+            consumers,
+            outputs,
+            inputs,
+            initializers,
+        };
+        index.check_acyclic()?;
+        Ok(index)
+    }
+
+    fn check_acyclic(&self) -> Result<()> {
+        let mut g = DiGraph::<(), ()>::with_capacity(self.model.nodes.len(), 0);
+        let ids: Vec<_> = (0..self.model.nodes.len())
+            .map(|_| g.add_node(()))
+            .collect();
+        for (name, users) in &self.consumers {
+            if let Some(&p) = self.producer.get(name) {
+                for &u in users {
+                    g.add_edge(ids[p], ids[u], ());
+                }
+            }
+        }
+        petgraph::algo::toposort(&g, None)
+            .map(|_| ())
+            .map_err(|cycle| {
+                let node = &self.model.nodes[cycle.node_id().index()];
+                Error::Graph(format!(
+                    "the graph has a cycle through node '{}' ({})",
+                    node.name(),
+                    node.op_type()
+                ))
+            })
+    }
+
+    /// The node at index `i`.
+    pub fn node(&self, i: usize) -> &'m NodeProto {
+        &self.model.nodes[i]
+    }
+
+    /// The node producing `value`, if any.
+    pub fn producer(&self, value: &str) -> Option<usize> {
+        self.producer.get(value).copied()
+    }
+
+    /// Every use of `value` by a node (one entry per input slot, plus subgraph references).
+    pub fn consumers(&self, value: &str) -> &[usize] {
+        self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Whether `value` is a graph output.
+    pub fn is_output(&self, value: &str) -> bool {
+        self.outputs.contains(value)
+    }
+
+    /// Whether `value` is used exactly once, by a node, and is not a graph output: the condition
+    /// for a tensor inside a block that the fold removes.
+    pub fn is_internal(&self, value: &str) -> bool {
+        self.consumers(value).len() == 1 && !self.is_output(value)
+    }
+
+    /// The constant tensor named `value`: an initializer that is not a graph input, or the
+    /// `value` attribute of a `Constant` node.
+    pub fn constant(&self, value: &str) -> Option<&'m TensorProto> {
+        if let Some(&i) = self.initializers.get(value) {
+            return (!self.inputs.contains(value)).then(|| &self.model.initializers[i]);
+        }
+        let node = self.node(self.producer(value)?);
+        if node.op_type() != "Constant" || !is_default_domain(node) {
+            return None;
+        }
+        node.attribute
+            .iter()
+            .find(|a| a.name() == "value")
+            .and_then(|a| a.t.as_ref())
+    }
+
+    /// Follows `Identity` nodes upstream from `value` to the value they copy.
+    pub fn through_identity<'a>(&'a self, mut value: &'a str) -> &'a str {
+        while let Some(node) = self.producer(value).map(|i| self.node(i)) {
+            if node.op_type() != "Identity" || !is_default_domain(node) || node.input.is_empty() {
+                break;
+            }
+            value = &node.input[0];
+        }
+        value
+    }
+
+    /// Like [`Self::through_identity`], and also tells whether every value on the way (`value`
+    /// itself included) is internal, so that the chain can be removed with its consumer.
+    pub fn through_identity_internal<'a>(&'a self, value: &'a str) -> (&'a str, bool) {
+        let mut internal = self.is_internal(value);
+        let mut value = value;
+        while let Some(node) = self.producer(value).map(|i| self.node(i)) {
+            if node.op_type() != "Identity" || !is_default_domain(node) || node.input.is_empty() {
+                break;
+            }
+            value = &node.input[0];
+            internal &= self.is_internal(value);
+        }
+        (value, internal)
+    }
+}
+
+/// Whether the node belongs to the default ONNX operator set.
+pub fn is_default_domain(node: &NodeProto) -> bool {
+    matches!(node.domain(), "" | "ai.onnx")
+}
+
+/// Names a node's subgraphs read from the enclosing scope (conservatively: every value their
+/// nodes read, and their outputs).
+fn outer_references(node: &NodeProto) -> Vec<&str> {
+    let mut names = Vec::new();
+    for attr in &node.attribute {
+        for g in attr.g.iter().chain(attr.graphs.iter()) {
+            collect_graph_references(g, &mut names);
+        }
+    }
+    names
+}
+
+fn collect_graph_references<'a>(g: &'a GraphProto, names: &mut Vec<&'a str>) {
+    for node in &g.node {
+        names.extend(node.input.iter().map(String::as_str));
+        names.extend(outer_references(node));
+    }
+    names.extend(g.output.iter().map(|o| o.name()));
+}

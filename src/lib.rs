@@ -1,0 +1,5 @@
+pub mod affine;
+pub mod error;
+pub mod graph;
+pub mod onnx;
+pub mod tensor;

@@ -1,0 +1,193 @@
+//! External tensor data (`data_location = EXTERNAL`): the `location`, `offset` and `length`
+//! entries of a tensor, resolved against the model's directory. Locations must be relative, stay
+//! inside that directory (no `..`, no symlink escaping it) and name regular files; each file is
+//! mapped once.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::proto::TensorProto;
+use crate::error::{Error, Result};
+
+/// `TensorProto.DataLocation.EXTERNAL`.
+pub const EXTERNAL: i32 = 1;
+
+/// Whether the tensor's data lives in an external file.
+pub fn is_external(t: &TensorProto) -> bool {
+    t.data_location == Some(EXTERNAL)
+}
+
+/// Where one tensor's bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalRef {
+    pub location: String,
+    pub offset: u64,
+    pub length: Option<u64>,
+}
+
+impl ExternalRef {
+    /// Reads the `external_data` entries of `t`.
+    pub fn of(t: &TensorProto) -> Result<ExternalRef> {
+        let name = t.name.as_deref().unwrap_or("");
+        let mut location = None;
+        let mut offset = 0;
+        let mut length = None;
+        for e in &t.external_data {
+            let value = e.value.as_deref().unwrap_or("");
+            let number = || {
+                value.parse::<u64>().map_err(|_| Error::ExternalData {
+                    name: name.to_string(),
+                    location: location_or_unknown(t),
+                    reason: format!("'{}' is not a number: '{value}'", e.key()),
+                })
+            };
+            match e.key() {
+                "location" => location = Some(value.to_string()),
+                "offset" => offset = number()?,
+                "length" => length = Some(number()?),
+                _ => {}
+            }
+        }
+        let location =
+            location.ok_or_else(|| Error::tensor(name, "external data without a location"))?;
+        Ok(ExternalRef {
+            location,
+            offset,
+            length,
+        })
+    }
+}
+
+fn location_or_unknown(t: &TensorProto) -> String {
+    t.external_data
+        .iter()
+        .find(|e| e.key() == "location")
+        .map(|e| e.value().to_string())
+        .unwrap_or_default()
+}
+
+/// The external files a model refers to, each mapped once.
+#[derive(Debug, Default)]
+pub struct ExternalStore {
+    files: HashMap<String, Bytes>,
+}
+
+impl ExternalStore {
+    /// Validates and maps every file named by an external initializer of the model in `dir`.
+    pub fn open(dir: &Path, initializers: &[TensorProto]) -> Result<ExternalStore> {
+        let mut store = ExternalStore::default();
+        for t in initializers.iter().filter(|t| is_external(t)) {
+            let r = ExternalRef::of(t)?;
+            if store.files.contains_key(&r.location) {
+                continue;
+            }
+            let name = t.name.as_deref().unwrap_or("");
+            let path = resolve(dir, &r.location).map_err(|reason| Error::ExternalData {
+                name: name.to_string(),
+                location: r.location.clone(),
+                reason,
+            })?;
+            let bytes = super::model::map_file(&path).map_err(|e| Error::ExternalData {
+                name: name.to_string(),
+                location: r.location.clone(),
+                reason: match e {
+                    Error::Io { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                },
+            })?;
+            store.files.insert(r.location, bytes);
+        }
+        Ok(store)
+    }
+
+    /// The bytes of an external tensor, checked against the file's size.
+    pub fn bytes(&self, t: &TensorProto) -> Result<Bytes> {
+        let r = ExternalRef::of(t)?;
+        let name = t.name.as_deref().unwrap_or("");
+        let err = |reason: String| Error::ExternalData {
+            name: name.to_string(),
+            location: r.location.clone(),
+            reason,
+        };
+        let file = self
+            .files
+            .get(&r.location)
+            .ok_or_else(|| err("file was not opened".into()))?;
+        let size = file.len() as u64;
+        let length = r.length.unwrap_or(size.saturating_sub(r.offset));
+        let end = r
+            .offset
+            .checked_add(length)
+            .filter(|&end| end <= size)
+            .ok_or_else(|| {
+                err(format!(
+                    "offset {} + length {length} runs past the end of the file ({size} bytes)",
+                    r.offset
+                ))
+            })?;
+        Ok(file.slice(r.offset as usize..end as usize))
+    }
+}
+
+/// Resolves a location relative to `dir`, refusing anything that could leave it.
+fn resolve(dir: &Path, location: &str) -> Result<PathBuf, String> {
+    let rel = Path::new(location);
+    if location.is_empty() {
+        return Err("empty location".into());
+    }
+    if rel.is_absolute() {
+        return Err("absolute locations are not allowed".into());
+    }
+    if rel
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err("locations may not contain '..'".into());
+    }
+    let path = dir.join(rel);
+    let real = path.canonicalize().map_err(|e| e.to_string())?;
+    let real_dir = if dir.as_os_str().is_empty() {
+        Path::new(".").canonicalize()
+    } else {
+        dir.canonicalize()
+    }
+    .map_err(|e| e.to_string())?;
+    if !real.starts_with(&real_dir) {
+        return Err("the location leaves the model's directory (symlink?)".into());
+    }
+    if !real.is_file() {
+        return Err("not a regular file".into());
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_paths_leaving_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            resolve(dir.path(), "/etc/passwd")
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(resolve(dir.path(), "../x").unwrap_err().contains(".."));
+        assert!(resolve(dir.path(), "a/../../x").unwrap_err().contains(".."));
+        assert!(resolve(dir.path(), "missing.data").is_err());
+        std::fs::write(dir.path().join("ok.data"), b"1234").unwrap();
+        assert!(resolve(dir.path(), "ok.data").is_ok());
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link.data")).unwrap();
+            assert!(
+                resolve(dir.path(), "link.data")
+                    .unwrap_err()
+                    .contains("leaves")
+            );
+        }
+    }
+}

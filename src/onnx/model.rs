@@ -1,0 +1,195 @@
+//! A loaded model: the input's bytes (memory-mapped), the wire-level layout of the model and its
+//! main graph, and decoded copies of the graph's nodes, initializers and value infos. Tensor bytes
+//! are not copied: decoded `raw_data` points into the map. Nothing here is ever modified; the
+//! writer splices a new file from these byte ranges.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::external::ExternalStore;
+use super::proto::{NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
+use super::wire::{self, Field};
+use crate::error::{Error, Result};
+
+/// ModelProto field numbers we look at.
+pub(crate) mod model_field {
+    pub const GRAPH: u32 = 7;
+    pub const OPSET_IMPORT: u32 = 8;
+}
+
+/// GraphProto field numbers we look at.
+pub(crate) mod graph_field {
+    pub const NODE: u32 = 1;
+    pub const INITIALIZER: u32 = 5;
+    pub const INPUT: u32 = 11;
+    pub const OUTPUT: u32 = 12;
+    pub const VALUE_INFO: u32 = 13;
+}
+
+/// What one field of the main graph is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphItem {
+    Node(usize),
+    Initializer(usize),
+    ValueInfo(usize),
+    /// Inputs, outputs, name, doc string and anything else: always copied through.
+    Other,
+}
+
+/// A model read from disk.
+#[derive(Debug)]
+pub struct Model {
+    /// The file the model came from.
+    pub path: PathBuf,
+    /// The whole file.
+    pub bytes: Bytes,
+    /// Fields of the ModelProto, in file order.
+    pub fields: Vec<Field>,
+    /// Index into `fields` of the (single) graph field.
+    pub graph_field: usize,
+    /// Fields of the main GraphProto, in file order, offsets relative to `bytes`.
+    pub graph_fields: Vec<(Field, GraphItem)>,
+    pub nodes: Vec<NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    pub value_info: Vec<ValueInfoProto>,
+    pub inputs: Vec<ValueInfoProto>,
+    pub outputs: Vec<ValueInfoProto>,
+    pub opset_import: Vec<OperatorSetIdProto>,
+    /// Files holding external tensor data, mapped.
+    pub external: ExternalStore,
+}
+
+impl Model {
+    /// Memory-maps `path` and reads the model's layout.
+    pub fn open(path: &Path) -> Result<Model> {
+        let bytes = map_file(path)?;
+        Model::from_bytes(path, bytes).map_err(|e| e.in_file(path))
+    }
+
+    /// Reads a model from bytes; `path` locates external data and names the model in errors.
+    pub fn from_bytes(path: &Path, bytes: Bytes) -> Result<Model> {
+        let malformed = |reason: String| Error::Malformed {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if bytes.is_empty() {
+            return Err(malformed("the file is empty".into()));
+        }
+        let fields = wire::scan(&bytes, 0).map_err(malformed)?;
+        let graphs: Vec<usize> = (0..fields.len())
+            .filter(|&i| fields[i].number == model_field::GRAPH)
+            .collect();
+        let graph_field = match graphs.as_slice() {
+            [one] => *one,
+            [] => return Err(malformed("the model has no graph".into())),
+            _ => return Err(malformed("the model has more than one graph field".into())),
+        };
+        let mut opset_import = Vec::new();
+        for f in fields
+            .iter()
+            .filter(|f| f.number == model_field::OPSET_IMPORT)
+        {
+            opset_import.push(decode(&bytes, f, "opset_import").map_err(malformed)?);
+        }
+        let graph = &fields[graph_field];
+        let graph_bytes = &bytes[graph.payload.clone()];
+        let mut model = Model {
+            path: path.to_path_buf(),
+            bytes: bytes.clone(),
+            fields: fields.clone(),
+            graph_field,
+            graph_fields: Vec::new(),
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            value_info: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            opset_import,
+            external: ExternalStore::default(),
+        };
+        let graph_fields = wire::scan(graph_bytes, graph.payload.start)
+            .map_err(|e| malformed(format!("graph: {e}")))?;
+        for f in graph_fields {
+            let item = match f.number {
+                graph_field::NODE => {
+                    model
+                        .nodes
+                        .push(decode(&bytes, &f, "node").map_err(&malformed)?);
+                    GraphItem::Node(model.nodes.len() - 1)
+                }
+                graph_field::INITIALIZER => {
+                    model
+                        .initializers
+                        .push(decode(&bytes, &f, "initializer").map_err(&malformed)?);
+                    GraphItem::Initializer(model.initializers.len() - 1)
+                }
+                graph_field::VALUE_INFO => {
+                    model
+                        .value_info
+                        .push(decode(&bytes, &f, "value_info").map_err(&malformed)?);
+                    GraphItem::ValueInfo(model.value_info.len() - 1)
+                }
+                graph_field::INPUT => {
+                    model
+                        .inputs
+                        .push(decode(&bytes, &f, "input").map_err(&malformed)?);
+                    GraphItem::Other
+                }
+                graph_field::OUTPUT => {
+                    model
+                        .outputs
+                        .push(decode(&bytes, &f, "output").map_err(&malformed)?);
+                    GraphItem::Other
+                }
+                _ => GraphItem::Other,
+            };
+            model.graph_fields.push((f, item));
+        }
+        let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        model.external = ExternalStore::open(&dir, &model.initializers)?;
+        Ok(model)
+    }
+
+    /// The version of the default-domain operator set, if imported.
+    pub fn default_opset(&self) -> Option<i64> {
+        self.opset_import
+            .iter()
+            .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+            .and_then(|o| o.version)
+    }
+
+    /// Whether any initializer keeps its data in an external file.
+    pub fn has_external_data(&self) -> bool {
+        self.initializers.iter().any(super::external::is_external)
+    }
+}
+
+/// Decodes one length-delimited field of `bytes` as message `M`, sharing tensor bytes.
+fn decode<M: Message + Default>(bytes: &Bytes, f: &Field, what: &str) -> Result<M, String> {
+    if f.wire_type != prost::encoding::WireType::LengthDelimited {
+        return Err(format!("{what} at byte {} is not a message", f.whole.start));
+    }
+    M::decode(bytes.slice(f.payload.clone()))
+        .map_err(|e| format!("{what} at byte {}: {e}", f.whole.start))
+}
+
+/// Maps a whole file read-only.
+pub(crate) fn map_file(path: &Path) -> Result<Bytes> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+        ));
+    }
+    if meta.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the map is read-only; a file truncated by another process while we read it is
+    // outside what any reader of a memory-mapped file can defend against.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(Bytes::from_owner(map))
+}

@@ -1,0 +1,294 @@
+//! TensorProto ⇄ `ndarray` for the floating-point types a fold can touch (FLOAT, FLOAT16,
+//! BFLOAT16, DOUBLE). Data comes from `raw_data` (little-endian), the typed fields (`float_data`,
+//! `double_data`, FLOAT16/BFLOAT16 bit patterns in `int32_data`) or external data. Declared dims
+//! are checked against the bytes present before anything is allocated.
+
+use bytes::Bytes;
+use half::{bf16, f16};
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::onnx::external::{ExternalStore, is_external};
+use crate::onnx::proto::TensorProto;
+
+/// A floating-point element type of ONNX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+    F64,
+}
+
+impl FloatType {
+    /// From `TensorProto.DataType`; `None` for every non-float (or unknown) code.
+    pub fn from_code(code: i32) -> Option<FloatType> {
+        match code {
+            1 => Some(FloatType::F32),
+            10 => Some(FloatType::F16),
+            11 => Some(FloatType::F64),
+            16 => Some(FloatType::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The `TensorProto.DataType` code.
+    pub fn code(self) -> i32 {
+        match self {
+            FloatType::F32 => 1,
+            FloatType::F16 => 10,
+            FloatType::F64 => 11,
+            FloatType::Bf16 => 16,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::Bf16 => 2,
+            FloatType::F64 => 8,
+        }
+    }
+
+    /// The ONNX name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::F64 => "float64",
+            FloatType::Bf16 => "bfloat16",
+        }
+    }
+
+    /// Rounds a value to this type and back, as writing and reading it would.
+    pub fn round(self, v: f64) -> f64 {
+        match self {
+            FloatType::F32 => v as f32 as f64,
+            FloatType::F16 => f16::from_f64(v).to_f64(),
+            FloatType::Bf16 => bf16::from_f64(v).to_f64(),
+            FloatType::F64 => v,
+        }
+    }
+}
+
+/// The tensor's dims as `usize`, refusing negative ones and products that overflow.
+pub fn shape(t: &TensorProto) -> Result<(Vec<usize>, usize)> {
+    let name = t.name.as_deref().unwrap_or("");
+    let mut dims = Vec::with_capacity(t.dims.len());
+    let mut count: usize = 1;
+    for &d in &t.dims {
+        let d = usize::try_from(d).map_err(|_| Error::tensor(name, format!("negative dim {d}")))?;
+        count = count
+            .checked_mul(d)
+            .ok_or_else(|| Error::tensor(name, format!("dims {:?} overflow", t.dims)))?;
+        dims.push(d);
+    }
+    Ok((dims, count))
+}
+
+/// The tensor's float type, or an error naming the unsupported type.
+pub fn float_type(t: &TensorProto) -> Result<FloatType> {
+    let code = t.data_type.unwrap_or(0);
+    FloatType::from_code(code).ok_or_else(|| {
+        Error::tensor(
+            t.name.as_deref().unwrap_or(""),
+            format!("data type {code} is not a floating-point type that can be folded"),
+        )
+    })
+}
+
+/// Reads a float tensor into f64.
+pub fn read_f64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<f64>> {
+    let name = t.name.as_deref().unwrap_or("");
+    let ty = float_type(t)?;
+    let (dims, count) = shape(t)?;
+    let values = if is_external(t) {
+        from_le_bytes(name, &external.bytes(t)?, ty, count)?
+    } else if let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty() || count == 0) {
+        from_le_bytes(name, raw, ty, count)?
+    } else {
+        from_typed_fields(t, ty, count)?
+    };
+    ArrayD::from_shape_vec(IxDyn(&dims), values).map_err(|e| Error::tensor(name, e.to_string()))
+}
+
+fn from_le_bytes(name: &str, raw: &Bytes, ty: FloatType, count: usize) -> Result<Vec<f64>> {
+    let expected = count.checked_mul(ty.size());
+    if expected != Some(raw.len()) {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "dims need {count} {} values but the data holds {} bytes",
+                ty.name(),
+                raw.len()
+            ),
+        ));
+    }
+    let values = match ty {
+        FloatType::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        FloatType::F64 => raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        FloatType::F16 => raw
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        FloatType::Bf16 => raw
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+    };
+    Ok(values)
+}
+
+fn from_typed_fields(t: &TensorProto, ty: FloatType, count: usize) -> Result<Vec<f64>> {
+    let name = t.name.as_deref().unwrap_or("");
+    let (present, values): (usize, Vec<f64>) = match ty {
+        FloatType::F32 => (
+            t.float_data.len(),
+            t.float_data.iter().map(|&v| v as f64).collect(),
+        ),
+        FloatType::F64 => (t.double_data.len(), t.double_data.clone()),
+        FloatType::F16 => (
+            t.int32_data.len(),
+            t.int32_data
+                .iter()
+                .map(|&b| f16::from_bits(b as u16).to_f64())
+                .collect(),
+        ),
+        FloatType::Bf16 => (
+            t.int32_data.len(),
+            t.int32_data
+                .iter()
+                .map(|&b| bf16::from_bits(b as u16).to_f64())
+                .collect(),
+        ),
+    };
+    if present != count {
+        return Err(Error::tensor(
+            name,
+            format!("dims need {count} values but the tensor holds {present}"),
+        ));
+    }
+    Ok(values)
+}
+
+/// Encodes values as little-endian bytes of `ty` (rounding to nearest).
+pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * ty.size());
+    for &v in values.iter() {
+        match ty {
+            FloatType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+            FloatType::F64 => out.extend_from_slice(&v.to_le_bytes()),
+            FloatType::F16 => out.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
+            FloatType::Bf16 => out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// A new initializer holding `values` as `ty` in `raw_data`.
+pub fn new_tensor(name: &str, values: &ArrayD<f64>, ty: FloatType) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: values.shape().iter().map(|&d| d as i64).collect(),
+        data_type: Some(ty.code()),
+        raw_data: Some(Bytes::from(to_le_bytes(values, ty))),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> ExternalStore {
+        ExternalStore::default()
+    }
+
+    #[test]
+    fn round_trips_every_float_type() {
+        let values = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1.0, -2.5, 0.125, 3.0]).unwrap();
+        for ty in [
+            FloatType::F32,
+            FloatType::F16,
+            FloatType::Bf16,
+            FloatType::F64,
+        ] {
+            let t = new_tensor("w", &values, ty);
+            assert_eq!(read_f64(&t, &store()).unwrap(), values, "{ty:?}");
+        }
+    }
+
+    #[test]
+    fn reads_typed_fields() {
+        let t = TensorProto {
+            name: Some("w".into()),
+            dims: vec![2],
+            data_type: Some(1),
+            float_data: vec![1.5, -1.0],
+            ..Default::default()
+        };
+        assert_eq!(
+            read_f64(&t, &store()).unwrap().into_raw_vec_and_offset().0,
+            vec![1.5, -1.0]
+        );
+        let h = TensorProto {
+            name: Some("h".into()),
+            dims: vec![2],
+            data_type: Some(10),
+            int32_data: vec![
+                f16::from_f32(0.5).to_bits() as i32,
+                f16::from_f32(-2.0).to_bits() as i32,
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            read_f64(&h, &store()).unwrap().into_raw_vec_and_offset().0,
+            vec![0.5, -2.0]
+        );
+    }
+
+    #[test]
+    fn dims_must_match_the_data() {
+        let mut t = new_tensor(
+            "w",
+            &ArrayD::from_shape_vec(IxDyn(&[2]), vec![1.0, 2.0]).unwrap(),
+            FloatType::F32,
+        );
+        t.dims = vec![3];
+        assert!(
+            read_f64(&t, &store())
+                .unwrap_err()
+                .to_string()
+                .contains("'w'")
+        );
+        t.dims = vec![-1];
+        assert!(
+            read_f64(&t, &store())
+                .unwrap_err()
+                .to_string()
+                .contains("negative")
+        );
+        t.dims = vec![i64::MAX, i64::MAX];
+        assert!(
+            read_f64(&t, &store())
+                .unwrap_err()
+                .to_string()
+                .contains("overflow")
+        );
+        t.dims = vec![2];
+        t.data_type = Some(7);
+        assert!(
+            read_f64(&t, &store())
+                .unwrap_err()
+                .to_string()
+                .contains("data type 7")
+        );
+    }
+}
