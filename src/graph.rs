@@ -156,7 +156,10 @@ impl<'m> GraphIndex<'m> {
     }
 
     /// Follows `Identity` nodes upstream from `value` to the value they copy.
-    pub fn through_identity<'a>(&'a self, mut value: &'a str) -> &'a str {
+    pub fn through_identity<'a>(&self, mut value: &'a str) -> &'a str
+    where
+        'm: 'a,
+    {
         while let Some(node) = self.producer(value).map(|i| self.node(i)) {
             if node.op_type() != "Identity" || !is_default_domain(node) || node.input.is_empty() {
                 break;
@@ -166,19 +169,25 @@ impl<'m> GraphIndex<'m> {
         value
     }
 
-    /// Like [`Self::through_identity`], and also tells whether every value on the way (`value`
-    /// itself included) is internal, so that the chain can be removed with its consumer.
-    pub fn through_identity_internal<'a>(&'a self, value: &'a str) -> (&'a str, bool) {
-        let mut internal = self.is_internal(value);
+    /// Like [`Self::through_identity`], and also names the first value on the way (`value`
+    /// itself included) that is not internal, if any: such a chain cannot be removed with its
+    /// consumer.
+    pub fn through_identity_shared<'a>(&self, value: &'a str) -> (&'a str, Option<&'a str>)
+    where
+        'm: 'a,
+    {
+        let mut shared = (!self.is_internal(value)).then_some(value);
         let mut value = value;
         while let Some(node) = self.producer(value).map(|i| self.node(i)) {
             if node.op_type() != "Identity" || !is_default_domain(node) || node.input.is_empty() {
                 break;
             }
             value = &node.input[0];
-            internal &= self.is_internal(value);
+            if shared.is_none() && !self.is_internal(value) {
+                shared = Some(value);
+            }
         }
-        (value, internal)
+        (value, shared)
     }
 }
 

@@ -1,5 +1,114 @@
+//! # onnx-repvgg
+//!
+//! Structural re-parameterization of ONNX models: every RepVGG-style block — parallel
+//! Conv(+BatchNormalization) branches and an optional identity, summed by `Add` — becomes one
+//! Conv with bias, computed from the ONNX file alone.
+//!
+//! Data flows one way: bytes ([`onnx::Model`]) → index ([`graph::GraphIndex`]) → candidate
+//! blocks ([`pattern`]) → folded convolutions ([`fold`], [`affine`]) → plans ([`plan`]) → a
+//! patch ([`rewrite`]) → bytes ([`onnx::splice`], [`onnx::output`]).
+//!
+//! ```no_run
+//! let report = onnx_repvgg::fuse_file("train.onnx".as_ref(), "deploy.onnx".as_ref())?;
+//! println!("{} blocks fused", report.fused.len());
+//! # Ok::<(), onnx_repvgg::Error>(())
+//! ```
+
 pub mod affine;
 pub mod error;
+pub mod fold;
 pub mod graph;
+pub mod naming;
 pub mod onnx;
+pub mod pattern;
+pub mod plan;
+pub mod report;
+pub mod rewrite;
 pub mod tensor;
+
+use std::path::Path;
+use std::time::Instant;
+
+pub use error::{Error, Result};
+pub use report::{BlockInfo, FuseReport, InspectReport};
+
+use graph::GraphIndex;
+use onnx::Model;
+use onnx::splice::{DataLayout, PROTOBUF_LIMIT, Spliced};
+
+/// Reads `input`, folds every block it can, and writes the result to `output` (atomically; with
+/// a sidecar `OUT.data` when the input has external data or the output would pass 2 GiB).
+pub fn fuse_file(input: &Path, output: &Path) -> Result<FuseReport> {
+    let start = Instant::now();
+    let model = Model::open(input)?;
+    let mut protected = vec![input.to_path_buf()];
+    protected.extend(model.external.paths().iter().cloned());
+    onnx::output::check_output(output, &protected)?;
+    let (sidecar_path, location) = onnx::output::sidecar_for(output)?;
+    let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
+    let analysis = plan::analyse(&index).map_err(|e| e.in_file(input))?;
+    let patch = rewrite::build(&index, &analysis.plans);
+    let mut layout = if model.has_external_data() {
+        DataLayout::Sidecar {
+            location: location.clone(),
+            move_inline: false,
+        }
+    } else {
+        DataLayout::Inline
+    };
+    let mut spliced = if patch.is_empty() && layout == DataLayout::Inline {
+        Spliced {
+            model: model.bytes.to_vec(),
+            sidecar: None,
+        }
+    } else {
+        onnx::splice::splice(&model, &patch, &layout).map_err(|e| e.in_file(input))?
+    };
+    if spliced.model.len() > PROTOBUF_LIMIT {
+        layout = DataLayout::Sidecar {
+            location,
+            move_inline: true,
+        };
+        spliced = onnx::splice::splice(&model, &patch, &layout).map_err(|e| e.in_file(input))?;
+    }
+    if spliced.sidecar.is_some() {
+        onnx::output::check_output(&sidecar_path, &protected)?;
+    }
+    let sidecar = spliced
+        .sidecar
+        .as_deref()
+        .map(|d| (sidecar_path.as_path(), d));
+    onnx::output::write(output, &spliced.model, sidecar)?;
+
+    let params = |ts: &mut dyn Iterator<Item = &onnx::proto::TensorProto>| -> u64 {
+        ts.map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>())
+            .sum()
+    };
+    let params_before = params(&mut model.initializers.iter());
+    let params_removed = params(
+        &mut patch
+            .removed_initializers
+            .iter()
+            .map(|&i| &model.initializers[i]),
+    );
+    let params_added = params(&mut patch.new_initializers.iter());
+    Ok(FuseReport {
+        fused: analysis.plans.iter().map(|p| p.info.clone()).collect(),
+        skipped: analysis.skipped.clone(),
+        nodes_before: model.nodes.len(),
+        nodes_after: model.nodes.len() - patch.removed_nodes.len(),
+        params_before,
+        params_after: params_before - params_removed + params_added,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Finds every block of `input` and tells whether (and why not) each can be folded.
+pub fn inspect_file(input: &Path) -> Result<InspectReport> {
+    let model = Model::open(input)?;
+    let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
+    let analysis = plan::analyse(&index).map_err(|e| e.in_file(input))?;
+    Ok(InspectReport {
+        blocks: analysis.blocks(),
+    })
+}

@@ -72,6 +72,7 @@ fn location_or_unknown(t: &TensorProto) -> String {
 #[derive(Debug, Default)]
 pub struct ExternalStore {
     files: HashMap<String, Bytes>,
+    paths: Vec<PathBuf>,
 }
 
 impl ExternalStore {
@@ -98,8 +99,14 @@ impl ExternalStore {
                 },
             })?;
             store.files.insert(r.location, bytes);
+            store.paths.push(path);
         }
         Ok(store)
+    }
+
+    /// The files opened, as resolved paths.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
     }
 
     /// The bytes of an external tensor, checked against the file's size.

@@ -7,8 +7,11 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+pub mod attr;
 pub mod external;
 pub mod model;
+pub mod output;
+pub mod splice;
 pub mod wire;
 
 pub use model::Model;

@@ -1,0 +1,157 @@
+//! Command-line interface: clap definitions (their doc comments are the help), and the printing
+//! of reports. Results go to stdout; errors to stderr.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use onnx_repvgg::{BlockInfo, FuseReport, InspectReport};
+
+/// Fold RepVGG-style multi-branch blocks of an ONNX model into single convolutions.
+///
+/// Training-structure exports (parallel Conv+BatchNormalization branches and an identity, summed
+/// by Add) become the deploy structure: one Conv with bias per block, the same outputs.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+#[command(
+    after_help = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse -v train.onnx deploy.onnx\n  onnx-repvgg inspect train.onnx\n\nExit codes: 0 success, 1 error, 2 usage."
+)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fold every block of IN into one Conv and write the model to OUT.
+    ///
+    /// Prints one summary line; blocks that look like RepVGG blocks but could not be folded are
+    /// listed with the reason. OUT gets a sidecar OUT.data when IN has external data.
+    Fuse {
+        /// The training-structure model.
+        input: PathBuf,
+        /// Where to write the deploy model (never over IN).
+        output: PathBuf,
+        /// Also print one line per fused block.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// List the blocks of IN: channels, stride, groups, branches, and whether each can be folded.
+    Inspect {
+        /// The model to study.
+        input: PathBuf,
+    },
+}
+
+/// Runs one command.
+pub fn run(args: Args) -> Result<()> {
+    match args.command {
+        Command::Fuse {
+            input,
+            output,
+            verbose,
+        } => {
+            let report = onnx_repvgg::fuse_file(&input, &output)?;
+            print_fuse(&report, verbose);
+        }
+        Command::Inspect { input } => {
+            let report = onnx_repvgg::inspect_file(&input)?;
+            print_inspect(&report);
+        }
+    }
+    Ok(())
+}
+
+fn print_fuse(r: &FuseReport, verbose: bool) {
+    println!(
+        "fused {} blocks ({} without identity): {} → {} nodes, {} → {} parameters, {:.1} ms",
+        r.fused.len(),
+        r.fused_without_identity(),
+        r.nodes_before,
+        r.nodes_after,
+        r.params_before,
+        r.params_after,
+        r.elapsed.as_secs_f64() * 1e3
+    );
+    if verbose {
+        for b in &r.fused {
+            println!("  fused    {}", describe(b));
+        }
+    }
+    for b in &r.skipped {
+        println!(
+            "  skipped  {}: {}",
+            describe(b),
+            b.reason.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn describe(b: &BlockInfo) -> String {
+    format!(
+        "{}  {}→{}  stride {}  groups {}  [{}]",
+        b.name,
+        b.in_channels,
+        b.out_channels,
+        stride(b),
+        b.groups,
+        b.branches.join(" + ")
+    )
+}
+
+fn stride(b: &BlockInfo) -> String {
+    match b.stride.as_slice() {
+        [] => "?".into(),
+        [first, rest @ ..] if rest.iter().all(|s| s == first) => first.to_string(),
+        all => all
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join("x"),
+    }
+}
+
+fn print_inspect(r: &InspectReport) {
+    let rows: Vec<[String; 7]> = r
+        .blocks
+        .iter()
+        .map(|b| {
+            [
+                b.name.clone(),
+                format!("{}→{}", b.in_channels, b.out_channels),
+                stride(b),
+                b.groups.to_string(),
+                b.branches.join(" + "),
+                if b.has_identity() { "yes" } else { "none" }.into(),
+                match &b.reason {
+                    None => "yes".into(),
+                    Some(r) => format!("no: {r}"),
+                },
+            ]
+        })
+        .collect();
+    let header = [
+        "block", "channels", "stride", "groups", "branches", "identity", "fusable",
+    ]
+    .map(String::from);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    println!(
+        "{} blocks, {} without identity, {} fusable",
+        r.blocks.len(),
+        r.without_identity(),
+        r.fusable()
+    );
+}

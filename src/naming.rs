@@ -1,0 +1,171 @@
+//! Names for what a fold creates. A block is named after its module path when the export reveals
+//! it, so that the fused Conv reads like the official deploy model (`stage1.0.rbr_reparam`):
+//! from the dynamo exporter's `pkg.torch.onnx.name_scopes` node metadata, from TorchScript node
+//! names (`/stage1/stage1.0/Add_1`), or from the common dotted prefix of the branches'
+//! parameter names (`stage1.0.rbr_dense.conv.weight`). Otherwise the sum node's name is used.
+
+use std::collections::HashSet;
+
+use crate::graph::GraphIndex;
+use crate::onnx::attr;
+use crate::pattern::{Block, Branch};
+
+/// The block's module path, or a readable fallback.
+pub fn block_name(index: &GraphIndex, block: &Block) -> String {
+    let root = index.node(block.root);
+    if let Some(path) =
+        attr::metadata(root, "pkg.torch.onnx.name_scopes").and_then(from_name_scopes)
+    {
+        return path;
+    }
+    if let Some(path) = from_scoped_node_name(root.name()) {
+        return path;
+    }
+    if let Some(path) = from_parameter_names(index, block) {
+        return path;
+    }
+    if !root.name().is_empty() {
+        return root.name().to_string();
+    }
+    root.output[0].clone()
+}
+
+/// `"['', 'stage2', 'stage2.1', 'add_6']"` → `stage2.1` (the scope enclosing the op itself).
+fn from_name_scopes(scopes: &str) -> Option<String> {
+    let items: Vec<&str> = scopes
+        .trim()
+        .strip_prefix('[')?
+        .strip_suffix(']')?
+        .split(',')
+        .map(|s| s.trim().trim_matches(|c| c == '\'' || c == '"'))
+        .collect();
+    let (_op, modules) = items.split_last()?;
+    modules
+        .iter()
+        .rev()
+        .find(|m| !m.is_empty())
+        .map(|m| m.to_string())
+}
+
+/// `/stage1/stage1.0/Add_1` → `stage1.0`: TorchScript names nodes by their module scope.
+fn from_scoped_node_name(name: &str) -> Option<String> {
+    let rest = name.strip_prefix('/')?;
+    let (scope, _op) = rest.rsplit_once('/')?;
+    scope
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The dotted prefix shared by the parameter names of at least two branches.
+fn from_parameter_names(index: &GraphIndex, block: &Block) -> Option<String> {
+    let mut names = Vec::new();
+    for b in &block.branches {
+        let (node, slot) = match *b {
+            Branch::Conv { bn: Some(bn), .. } | Branch::Identity { bn: Some(bn) } => (bn, 1),
+            Branch::Conv { conv, bn: None } => (conv, 1),
+            Branch::Identity { bn: None } => continue,
+        };
+        let name = index.node(node).input.get(slot)?;
+        if name.contains("::") || name.contains('/') || !name.contains('.') {
+            return None;
+        }
+        names.push(name.split('.').collect::<Vec<_>>());
+    }
+    if names.len() < 2 {
+        return None;
+    }
+    let mut common = names[0].clone();
+    for n in &names[1..] {
+        let len = common.iter().zip(n).take_while(|(a, b)| a == b).count();
+        common.truncate(len);
+    }
+    (!common.is_empty()).then(|| common.join("."))
+}
+
+/// Hands out names no existing node or value uses, nor any name handed out before.
+#[derive(Debug, Default)]
+pub struct NamePool {
+    taken: HashSet<String>,
+}
+
+impl NamePool {
+    /// A pool that knows every node and value name of the graph.
+    pub fn new(index: &GraphIndex) -> NamePool {
+        let m = index.model;
+        let mut taken = HashSet::new();
+        for n in &m.nodes {
+            taken.insert(n.name().to_string());
+            taken.extend(n.input.iter().cloned());
+            taken.extend(n.output.iter().cloned());
+        }
+        taken.extend(m.initializers.iter().map(|t| t.name().to_string()));
+        taken.extend(m.inputs.iter().map(|v| v.name().to_string()));
+        taken.extend(m.outputs.iter().map(|v| v.name().to_string()));
+        taken.extend(m.value_info.iter().map(|v| v.name().to_string()));
+        NamePool { taken }
+    }
+
+    /// `base`, or `base_1`, `base_2`, … whichever is free; all of `suffixes` appended to the
+    /// chosen stem must be free too, so that a node and its tensors share one stem.
+    pub fn claim(&mut self, base: &str, suffixes: &[&str]) -> String {
+        let mut stem = base.to_string();
+        let mut n = 0;
+        while std::iter::once("")
+            .chain(suffixes.iter().copied())
+            .any(|s| self.taken.contains(&format!("{stem}{s}")))
+        {
+            n += 1;
+            stem = format!("{base}_{n}");
+        }
+        for s in std::iter::once("").chain(suffixes.iter().copied()) {
+            self.taken.insert(format!("{stem}{s}"));
+        }
+        stem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_path_from_dynamo_scopes() {
+        assert_eq!(
+            from_name_scopes("['', 'stage2', 'stage2.1', 'add_6']").as_deref(),
+            Some("stage2.1")
+        );
+        assert_eq!(from_name_scopes("['', 'add']"), None);
+        assert_eq!(from_name_scopes("not a list"), None);
+    }
+
+    #[test]
+    fn module_path_from_torchscript_node_names() {
+        assert_eq!(
+            from_scoped_node_name("/stage1/stage1.0/Add_1").as_deref(),
+            Some("stage1.0")
+        );
+        assert_eq!(
+            from_scoped_node_name("/stage0/Add").as_deref(),
+            Some("stage0")
+        );
+        assert_eq!(from_scoped_node_name("/Add"), None);
+        assert_eq!(from_scoped_node_name("Add_3"), None);
+    }
+
+    #[test]
+    fn claimed_names_are_unique() {
+        let mut pool = NamePool::default();
+        pool.taken.insert("a.rbr_reparam.weight".into());
+        assert_eq!(
+            pool.claim("a.rbr_reparam", &[".weight", ".bias"]),
+            "a.rbr_reparam_1"
+        );
+        assert_eq!(
+            pool.claim("a.rbr_reparam", &[".weight", ".bias"]),
+            "a.rbr_reparam_2"
+        );
+        assert_eq!(pool.claim("b", &[]), "b");
+    }
+}

@@ -1,0 +1,136 @@
+//! Putting the output on disk safely: never over the input (or its external data), always
+//! atomically (temporary files in the destination directory, then renames), sidecar first so a
+//! model never points to missing data.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The sidecar path for an output model: `OUT.data` next to it, and its location string.
+pub fn sidecar_for(output: &Path) -> Result<(PathBuf, String)> {
+    let name = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Output {
+            path: output.to_path_buf(),
+            reason: "the output needs a UTF-8 file name".into(),
+        })?;
+    let location = format!("{name}.data");
+    Ok((output.with_file_name(&location), location))
+}
+
+/// The directory a path lives in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Whether two paths name the same file (by identity when both exist, else by canonical path).
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    let canon = |p: &Path| {
+        parent_dir(p)
+            .canonicalize()
+            .ok()
+            .map(|d| d.join(p.file_name().unwrap_or_default()))
+    };
+    matches!((canon(a), canon(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Refuses outputs that would overwrite one of `protected` (the input and its data files) and
+/// outputs whose directory does not exist.
+pub fn check_output(output: &Path, protected: &[PathBuf]) -> Result<()> {
+    let fail = |reason: &str| {
+        Err(Error::Output {
+            path: output.to_path_buf(),
+            reason: reason.into(),
+        })
+    };
+    if output.as_os_str().is_empty() {
+        return fail("empty output path");
+    }
+    if protected.iter().any(|p| same_file(output, p)) {
+        return fail("refusing to write over the input model or its data");
+    }
+    if output.is_dir() {
+        return fail("is a directory");
+    }
+    if !parent_dir(output).is_dir() {
+        return fail("the output directory does not exist");
+    }
+    Ok(())
+}
+
+/// Writes the model (and its sidecar) atomically.
+pub fn write(output: &Path, model: &[u8], sidecar: Option<(&Path, &[u8])>) -> Result<()> {
+    let staged_sidecar = match sidecar {
+        Some((path, data)) => Some((path, stage(path, data)?)),
+        None => None,
+    };
+    let staged_model = stage(output, model)?;
+    if let Some((path, tmp)) = staged_sidecar {
+        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    }
+    staged_model
+        .persist(output)
+        .map_err(|e| Error::io(output, e.error))?;
+    Ok(())
+}
+
+/// Writes `data` to a temporary file next to `path`; it vanishes unless persisted.
+fn stage(path: &Path, data: &[u8]) -> Result<tempfile::NamedTempFile> {
+    let dir = parent_dir(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".onnx-repvgg-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(data).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_the_input_under_any_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.onnx");
+        std::fs::write(&input, b"x").unwrap();
+        let protected = vec![input.clone()];
+        assert!(check_output(&input, &protected).is_err());
+        let dotted = dir.path().join(".").join("in.onnx");
+        assert!(check_output(&dotted, &protected).is_err());
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link.onnx");
+            std::os::unix::fs::symlink(&input, &link).unwrap();
+            assert!(check_output(&link, &protected).is_err());
+        }
+        assert!(check_output(&dir.path().join("out.onnx"), &protected).is_ok());
+        assert!(check_output(&dir.path().join("no/out.onnx"), &protected).is_err());
+        assert!(check_output(dir.path(), &protected).is_err());
+    }
+
+    #[test]
+    fn writes_atomically_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.onnx");
+        let (side, _) = sidecar_for(&out).unwrap();
+        write(&out, b"model", Some((&side, b"data"))).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"model");
+        assert_eq!(std::fs::read(&side).unwrap(), b"data");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+}
