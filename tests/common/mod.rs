@@ -1,0 +1,194 @@
+//! Shared helpers of the integration tests: the fixture manifest, the real binary, and tract (a
+//! runtime we did not write) as the numerical oracle.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+/// Relative tolerance (max |a − b| / max |reference|) for float32 models.
+pub const TOLERANCE_F32: f64 = 1e-4;
+/// Relative tolerance for float16 models (their outputs carry ~1e-3 rounding already).
+pub const TOLERANCE_F16: f64 = 2e-2;
+
+/// The `testdata/` folder.
+pub fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
+}
+
+/// One entry of `testdata/manifest.json`.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    pub model: String,
+    pub form: String,
+    pub path: PathBuf,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub dtype: String,
+    pub blocks: usize,
+    pub without_identity: usize,
+    pub fusable: bool,
+    pub deploy_structure: bool,
+    pub external_data: bool,
+    pub deploy_ops: BTreeMap<String, usize>,
+}
+
+impl Fixture {
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.model, self.form)
+    }
+
+    pub fn tolerance(&self) -> f64 {
+        if self.dtype == "float16" {
+            TOLERANCE_F16
+        } else {
+            TOLERANCE_F32
+        }
+    }
+}
+
+/// Every fixture of the manifest.
+pub fn fixtures() -> Vec<Fixture> {
+    let text = std::fs::read_to_string(testdata().join("manifest.json")).expect("manifest");
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text).expect("manifest json");
+    items
+        .iter()
+        .map(|v| {
+            let s = |k: &str| {
+                v[k].as_str()
+                    .unwrap_or_else(|| panic!("manifest: {k}"))
+                    .to_string()
+            };
+            let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("manifest: {k}")) as usize;
+            let ops = v["deploy_ops_same_export"]
+                .as_object()
+                .expect("deploy ops")
+                .iter()
+                .map(|(k, c)| (k.clone(), c.as_u64().unwrap() as usize))
+                .collect();
+            Fixture {
+                model: s("model"),
+                form: s("form"),
+                path: testdata().join(s("path")),
+                input: testdata().join(s("input")),
+                output: testdata().join(s("output")),
+                dtype: s("dtype"),
+                blocks: n("blocks"),
+                without_identity: n("without_identity"),
+                fusable: v["fusable"].as_bool().unwrap(),
+                deploy_structure: v["deploy_structure"].as_bool().unwrap_or(false),
+                external_data: v["external_data"].as_bool().unwrap_or(false),
+                deploy_ops: ops,
+            }
+        })
+        .collect()
+}
+
+/// Runs the real binary.
+pub fn bin(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_onnx-repvgg"))
+        .args(args)
+        .output()
+        .expect("run onnx-repvgg")
+}
+
+/// `onnx-repvgg fuse IN OUT [extra]`.
+pub fn fuse(input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec!["fuse".as_ref(), input.as_os_str(), output.as_os_str()];
+    args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
+    bin(&args)
+}
+
+/// Op type histogram of a model file, read with tract's own protobuf types.
+pub fn op_histogram(path: &Path) -> BTreeMap<String, usize> {
+    let model = tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .expect("parse model");
+    let mut ops = BTreeMap::new();
+    for node in &model.graph.expect("graph").node {
+        *ops.entry(node.op_type.clone()).or_default() += 1;
+    }
+    ops
+}
+
+/// A tensor stored as a serialized TensorProto, loaded by tract.
+pub fn load_tensor(path: &Path) -> Tensor {
+    use prost::Message;
+    let bytes = std::fs::read(path).expect("read tensor");
+    let proto = pb::TensorProto::decode(bytes.as_slice()).expect("decode tensor");
+    tract_onnx::tensor::load_tensor(&*tract_onnx::onnx().provider, &proto, None)
+        .expect("load tensor")
+}
+
+/// The value feeding the classifier head (the input of the first pooling node): the output of
+/// the last block.
+pub fn backbone_output(path: &Path) -> String {
+    let model = tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .expect("parse model");
+    let graph = model.graph.expect("graph");
+    let pool = graph
+        .node
+        .iter()
+        .find(|n| matches!(n.op_type.as_str(), "GlobalAveragePool" | "ReduceMean"))
+        .expect("a pooling node");
+    pool.input[0].clone()
+}
+
+/// Runs a model in tract on one input and returns its outputs as f64.
+pub fn run_tract(model: &Path, input: &Tensor) -> Vec<Vec<f64>> {
+    run_tract_until(model, input, None)
+}
+
+/// Like [`run_tract`], but stops at the value `output` when given.
+pub fn run_tract_until(model: &Path, input: &Tensor, output: Option<&str>) -> Vec<Vec<f64>> {
+    let fact = InferenceFact::dt_shape(input.datum_type(), input.shape());
+    // value_info with a symbolic batch ("batch") would contradict the concrete input fact.
+    let mut onnx = tract_onnx::onnx();
+    onnx.ignore_value_info = true;
+    let plan = onnx
+        .model_for_path(model)
+        .unwrap_or_else(|e| panic!("tract load {}: {e:?}", model.display()))
+        .with_input_fact(0, fact)
+        .unwrap();
+    let mut plan = plan;
+    if let Some(name) = output {
+        plan.select_outputs_by_name([name]).unwrap();
+    }
+    let plan = plan
+        .into_optimized()
+        .unwrap_or_else(|e| panic!("tract optimize {}: {e:?}", model.display()))
+        .into_runnable()
+        .unwrap();
+    let outputs = plan.run(tvec!(input.clone().into())).expect("tract run");
+    outputs
+        .iter()
+        .map(|t| {
+            let t = t.cast_to::<f64>().expect("cast");
+            t.to_plain_array_view::<f64>()
+                .expect("view")
+                .iter()
+                .copied()
+                .collect()
+        })
+        .collect()
+}
+
+/// max |a − b| / max |reference|.
+pub fn relative_error(reference: &[f64], other: &[f64]) -> f64 {
+    assert_eq!(reference.len(), other.len(), "output sizes differ");
+    let scale = reference
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-12);
+    let diff = reference
+        .iter()
+        .zip(other)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
