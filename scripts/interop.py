@@ -58,12 +58,14 @@ def main():
                 assert ops == collections.Counter(fx["deploy_ops_same_export"]), f"ops {dict(ops)}"
                 feed = numpy_helper.to_array(onnx.load_tensor(str(root / fx["input"])))
                 want, got = run(src, feed), run(dst, feed)
+                errors = []
                 for w, g in zip(want, got):
                     rel = float(np.max(np.abs(w.astype(np.float64) - g)) / max(np.max(np.abs(w)), 1e-12))
                     worst = max(worst, rel)
+                    errors.append(rel)
                     assert rel <= TOLERANCE[fx["dtype"]], f"relative error {rel:.3g}"
                 checked += 1
-                print(f"ok    {label}")
+                print(f"ok    {label:<32} {sum(ops.values()):>4} nodes, relative error {max(errors):.2e}")
             except Exception as e:  # noqa: BLE001 - report every fixture
                 failures.append(label)
                 print(f"FAIL  {label}: {e}")

@@ -362,6 +362,7 @@ mod tests {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn conv(
         o: usize,
         cg: usize,

@@ -1,5 +1,6 @@
 //! The library's one error type. Every variant names what it is about: a file, a node or a
-//! tensor, so that the binary can print it on one line.
+//! tensor, so that the binary can print it on one line. Messages are complete in `Display`;
+//! wrapped errors are not exposed as `source()` so that chains never print a cause twice.
 
 use std::path::PathBuf;
 
@@ -10,11 +11,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be opened, mapped, written or renamed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The bytes are not a well-formed ONNX model.
     #[error("{}: not a valid ONNX model: {reason}", path.display())]
@@ -36,19 +36,15 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Output { path: PathBuf, reason: String },
     /// An error about one input file, with the file named.
-    #[error("{}: {source}", path.display())]
-    InFile {
-        path: PathBuf,
-        #[source]
-        source: Box<Error>,
-    },
+    #[error("{}: {error}", path.display())]
+    InFile { path: PathBuf, error: Box<Error> },
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 
@@ -68,7 +64,7 @@ impl Error {
             | Error::InFile { .. } => self,
             other => Error::InFile {
                 path: path.into(),
-                source: Box::new(other),
+                error: Box::new(other),
             },
         }
     }

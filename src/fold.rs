@@ -165,12 +165,12 @@ fn geometry(node: &NodeProto, shape: &[usize]) -> Result<Geometry, String> {
     };
     let strides = positive("strides")?;
     let dilations = positive("dilations")?;
-    if let Some(ks) = attr::ints(node, "kernel_shape") {
-        if ks.len() != rank || ks.iter().zip(kernel).any(|(&a, &b)| a != b as i64) {
-            return Err(format!(
-                "kernel_shape {ks:?} disagrees with the weight's {kernel:?}"
-            ));
-        }
+    if let Some(ks) = attr::ints(node, "kernel_shape")
+        && (ks.len() != rank || ks.iter().zip(kernel).any(|(&a, &b)| a != b as i64))
+    {
+        return Err(format!(
+            "kernel_shape {ks:?} disagrees with the weight's {kernel:?}"
+        ));
     }
     let group = match attr::int(node, "group").unwrap_or(1) {
         g if g >= 1 => g as usize,

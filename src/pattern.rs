@@ -169,17 +169,17 @@ fn readings<'a>(index: &GraphIndex<'a>, leaf: &'a str) -> Vec<Reading<'a>> {
             branch: Branch::Identity { bn: Some(p) },
             shared,
         });
-        if let Some(c) = index.producer(bn_in).filter(|&c| is_op(index, c, "Conv")) {
-            if let Some(x) = index.node(c).input.first() {
-                found.push(Reading {
-                    x: index.through_identity(x),
-                    branch: Branch::Conv {
-                        conv: c,
-                        bn: Some(p),
-                    },
-                    shared: shared.or(bn_in_shared),
-                });
-            }
+        if let Some(c) = index.producer(bn_in).filter(|&c| is_op(index, c, "Conv"))
+            && let Some(x) = index.node(c).input.first()
+        {
+            found.push(Reading {
+                x: index.through_identity(x),
+                branch: Branch::Conv {
+                    conv: c,
+                    bn: Some(p),
+                },
+                shared: shared.or(bn_in_shared),
+            });
         }
     }
     found

@@ -94,7 +94,7 @@ impl ExternalStore {
                 name: name.to_string(),
                 location: r.location.clone(),
                 reason: match e {
-                    Error::Io { source, .. } => source.to_string(),
+                    Error::Io { error, .. } => error.to_string(),
                     other => other.to_string(),
                 },
             })?;

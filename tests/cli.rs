@@ -1,0 +1,254 @@
+//! The binary as a user and a pipeline see it: output lines, exit codes, refusals, and what is
+//! (not) left on disk when something goes wrong.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use tract_onnx::prelude::Framework;
+
+fn sample() -> PathBuf {
+    testdata().join("models/tiny/ts_fold_op17.onnx")
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts a failed run: exit 1, one `onnx-repvgg: …` line on stderr mentioning `needle`.
+fn assert_error(o: &std::process::Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(o));
+    let err = stderr(o);
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(err.starts_with("onnx-repvgg: "), "{err}");
+    assert!(err.contains(needle), "'{needle}' not in: {err}");
+    assert!(stdout(o).is_empty());
+}
+
+#[test]
+fn fuse_prints_one_summary_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = fuse(&sample(), &dir.path().join("deploy.onnx"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with(
+            "fused 7 blocks (5 without identity): 36 → 18 nodes, 22746 → 20258 parameters, "
+        ),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with(" ms"), "{out}");
+    assert!(stderr(&o).is_empty());
+    assert_eq!(files_in(dir.path()), ["deploy.onnx"]);
+}
+
+#[test]
+fn verbose_fuse_lists_every_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = fuse(&sample(), &dir.path().join("deploy.onnx"), &["-v"]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    let blocks: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("fused "))
+        .skip(1)
+        .collect();
+    assert_eq!(blocks.len(), 7, "{out}");
+    assert!(
+        blocks[0].contains("stage0  3→8  stride 2  groups 1  [3x3 + 1x1]"),
+        "{out}"
+    );
+    assert!(
+        blocks[3].contains("stage2.1  16→16  stride 1  groups 1  [3x3 + 1x1 + identity]"),
+        "{out}"
+    );
+}
+
+#[test]
+fn fused_conv_is_named_after_the_block_module() {
+    let dir = tempfile::tempdir().unwrap();
+    for form in ["ts_fold_op17", "ts_nofold_op17", "dynamo_op18"] {
+        let out = dir.path().join(format!("{form}.onnx"));
+        let input = testdata().join(format!("models/tiny/{form}.onnx"));
+        assert!(fuse(&input, &out, &[]).status.success());
+        let model = tract_onnx::onnx().proto_model_for_path(&out).unwrap();
+        let graph = model.graph.unwrap();
+        let convs: Vec<&str> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Conv")
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(
+            convs.first(),
+            Some(&"stage0.rbr_reparam"),
+            "{form}: {convs:?}"
+        );
+        assert!(convs.contains(&"stage2.1.rbr_reparam"), "{form}: {convs:?}");
+        let inits: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        assert!(
+            inits.contains(&"stage2.1.rbr_reparam.weight")
+                && inits.contains(&"stage2.1.rbr_reparam.bias"),
+            "{form}: {inits:?}"
+        );
+    }
+}
+
+#[test]
+fn inspect_prints_the_block_table_and_summary() {
+    let o = bin(&["inspect".as_ref(), sample().as_os_str()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("block"), "{out}");
+    assert_eq!(lines.len(), 1 + 7 + 1, "{out}");
+    assert!(
+        lines[1].starts_with("stage0 ") && lines[1].contains("none"),
+        "{out}"
+    );
+    assert!(
+        lines[4].starts_with("stage2.1 ") && lines[4].contains("3x3 + 1x1 + identity"),
+        "{out}"
+    );
+    assert_eq!(lines[8], "7 blocks, 5 without identity, 7 fusable");
+}
+
+#[test]
+fn inspect_says_why_training_exports_cannot_be_fused() {
+    let input = testdata().join("models/grouped/ts_train_op13.onnx");
+    let o = bin(&["inspect".as_ref(), input.as_os_str()]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    assert!(out.contains("no: BatchNormalization"), "{out}");
+    assert!(
+        out.trim_end()
+            .ends_with("8 blocks, 5 without identity, 0 fusable"),
+        "{out}"
+    );
+}
+
+#[test]
+fn external_data_input_gives_a_sidecar_next_to_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = testdata().join("models/tiny/dynamo_op18.onnx");
+    let sidecar_before =
+        std::fs::read(testdata().join("models/tiny/dynamo_op18.onnx.data")).unwrap();
+    let out = dir.path().join("deploy.onnx");
+    assert!(fuse(&input, &out, &[]).status.success());
+    assert_eq!(files_in(dir.path()), ["deploy.onnx", "deploy.onnx.data"]);
+    let model = tract_onnx::onnx().proto_model_for_path(&out).unwrap();
+    let external: Vec<_> = model
+        .graph
+        .unwrap()
+        .initializer
+        .into_iter()
+        .filter(|t| t.data_location == Some(1))
+        .collect();
+    assert!(!external.is_empty());
+    for t in &external {
+        let location = t
+            .external_data
+            .iter()
+            .find(|e| e.key == "location")
+            .unwrap();
+        assert_eq!(location.value, "deploy.onnx.data");
+        let offset: u64 = t
+            .external_data
+            .iter()
+            .find(|e| e.key == "offset")
+            .unwrap()
+            .value
+            .parse()
+            .unwrap();
+        assert_eq!(offset % 4096, 0);
+    }
+    // The input's own sidecar is untouched and the output runs from its new folder.
+    assert_eq!(
+        std::fs::read(testdata().join("models/tiny/dynamo_op18.onnx.data")).unwrap(),
+        sidecar_before
+    );
+    let x = load_tensor(&testdata().join("models/tiny/input.pb"));
+    let y = run_tract(&out, &x);
+    let want = run_tract(&input, &x);
+    assert!(relative_error(&want[0], &y[0]) < TOLERANCE_F32);
+}
+
+#[test]
+fn missing_input_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let o = fuse(&dir.path().join("nope.onnx"), &out, &[]);
+    assert_error(&o, "nope.onnx");
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[test]
+fn garbage_input_is_an_error_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bad.onnx");
+    for (bytes, needle) in [
+        (vec![], "empty"),
+        (
+            b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+            "not a valid ONNX model",
+        ),
+        (
+            std::fs::read(sample()).unwrap()[..5000].to_vec(),
+            "truncated",
+        ),
+    ] {
+        std::fs::write(&input, &bytes).unwrap();
+        let o = fuse(&input, &dir.path().join("out.onnx"), &[]);
+        assert_error(&o, needle);
+        assert!(stderr(&o).contains("bad.onnx"));
+        assert_eq!(files_in(dir.path()), ["bad.onnx"]);
+        assert_eq!(std::fs::read(&input).unwrap(), bytes);
+    }
+}
+
+#[test]
+fn refuses_to_write_over_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("m.onnx");
+    std::fs::copy(sample(), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    for target in [input.clone(), dir.path().join(".").join("m.onnx")] {
+        let o = fuse(&input, &target, &[]);
+        assert_error(&o, "refusing to write over the input");
+    }
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    assert_eq!(files_in(dir.path()), ["m.onnx"]);
+}
+
+#[test]
+fn missing_output_directory_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = fuse(&sample(), &dir.path().join("no/such/dir/out.onnx"), &[]);
+    assert_error(&o, "output directory does not exist");
+}
+
+#[test]
+fn usage_errors_exit_with_2() {
+    let o = bin(&["fuse".as_ref()]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = bin(&["frobnicate".as_ref()]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = bin(&["--help".as_ref()]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("Exit codes"));
+}

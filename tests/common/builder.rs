@@ -1,0 +1,233 @@
+//! Builds small ONNX models by hand (with the crate's generated protobuf types), for graph-shape
+//! tests: "this graph becomes that graph". Weights and statistics are deterministic pseudo-random.
+
+use onnx_repvgg::onnx::proto::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
+};
+use prost::Message;
+
+/// A model under construction. Values are named `v0`, `v1`, …
+pub struct Builder {
+    pub graph: GraphProto,
+    next: usize,
+    seed: u64,
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(2),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(1),
+        f: Some(v),
+        ..Default::default()
+    }
+}
+
+fn string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(3),
+        s: Some(v.as_bytes().to_vec().into()),
+        ..Default::default()
+    }
+}
+
+pub fn value_info(name: &str, shape: &[i64]) -> ValueInfoProto {
+    let dims = shape
+        .iter()
+        .map(|&d| tensor_shape_proto::Dimension {
+            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+            denotation: None,
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto { dim: dims }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Convolution settings of [`Builder::conv`].
+#[derive(Clone, Copy)]
+pub struct ConvSpec {
+    pub out: usize,
+    pub inp: usize,
+    pub k: [usize; 2],
+    pub pads: [i64; 4],
+    pub stride: i64,
+    pub group: usize,
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    pub fn k3(inp: usize, out: usize) -> ConvSpec {
+        ConvSpec {
+            out,
+            inp,
+            k: [3, 3],
+            pads: [1; 4],
+            stride: 1,
+            group: 1,
+            bias: false,
+        }
+    }
+    pub fn k1(inp: usize, out: usize) -> ConvSpec {
+        ConvSpec {
+            out,
+            inp,
+            k: [1, 1],
+            pads: [0; 4],
+            stride: 1,
+            group: 1,
+            bias: false,
+        }
+    }
+}
+
+impl Builder {
+    /// A graph with one float input `x` of `shape`.
+    pub fn new(shape: &[i64]) -> Builder {
+        let graph = GraphProto {
+            name: Some("test".into()),
+            input: vec![value_info("x", shape)],
+            ..Default::default()
+        };
+        Builder {
+            graph,
+            next: 0,
+            seed: 1,
+        }
+    }
+
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("v{}", self.next)
+    }
+
+    fn values(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.seed = self
+                    .seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                lo + (hi - lo) * ((self.seed >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    /// Adds an initializer with random values in [lo, hi).
+    pub fn init(&mut self, dims: &[usize], lo: f32, hi: f32) -> String {
+        let name = format!("w{}", self.graph.initializer.len());
+        let n = dims.iter().product();
+        let data = self.values(n, lo, hi);
+        self.graph.initializer.push(TensorProto {
+            name: Some(name.clone()),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(1),
+            float_data: data,
+            ..Default::default()
+        });
+        name
+    }
+
+    pub fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        let out = self.fresh();
+        self.graph.node.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: Some(format!("{op}_{}", self.graph.node.len())),
+            op_type: Some(op.into()),
+            attribute: attrs,
+            ..Default::default()
+        });
+        out
+    }
+
+    pub fn conv(&mut self, x: &str, s: ConvSpec) -> String {
+        let w = self.init(&[s.out, s.inp / s.group, s.k[0], s.k[1]], -0.5, 0.5);
+        let mut inputs = vec![x.to_string(), w];
+        if s.bias {
+            inputs.push(self.init(&[s.out], -0.5, 0.5));
+        }
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        self.node(
+            "Conv",
+            &refs,
+            vec![
+                ints("kernel_shape", &[s.k[0] as i64, s.k[1] as i64]),
+                ints("pads", &s.pads),
+                ints("strides", &[s.stride, s.stride]),
+                int("group", s.group as i64),
+            ],
+        )
+    }
+
+    /// A Conv with `auto_pad` instead of pads.
+    pub fn conv_auto_pad(
+        &mut self,
+        x: &str,
+        inp: usize,
+        out: usize,
+        k: usize,
+        auto_pad: &str,
+    ) -> String {
+        let w = self.init(&[out, inp, k, k], -0.5, 0.5);
+        self.node("Conv", &[x, &w], vec![string("auto_pad", auto_pad)])
+    }
+
+    pub fn bn(&mut self, x: &str, ch: usize, epsilon: f32) -> String {
+        let scale = self.init(&[ch], 0.5, 1.5);
+        let bias = self.init(&[ch], -0.3, 0.3);
+        let mean = self.init(&[ch], -0.5, 0.5);
+        let var = self.init(&[ch], 0.5, 2.0);
+        self.node(
+            "BatchNormalization",
+            &[x, &scale, &bias, &mean, &var],
+            vec![float("epsilon", epsilon)],
+        )
+    }
+
+    pub fn output(&mut self, name: &str, shape: &[i64]) {
+        self.graph.output.push(value_info(name, shape));
+    }
+
+    /// Serializes the model (IR 8, opset 17).
+    pub fn build(&self) -> Vec<u8> {
+        ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            producer_name: Some("onnx-repvgg tests".into()),
+            graph: Some(self.graph.clone()),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+}

@@ -1,0 +1,359 @@
+//! "This graph becomes that graph": hand-built models for each shape the block finder must
+//! accept or refuse, fused by the real binary and compared with the original in tract.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::builder::{Builder, ConvSpec};
+use common::*;
+use tract_onnx::prelude::*;
+
+const SHAPE: [i64; 4] = [1, 4, 6, 6];
+
+/// Fuses the model; asserts the number of fused blocks and the ops left; compares outputs.
+fn fuse_and_compare(b: &Builder, fused: usize, ops: &[(&str, usize)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.onnx");
+    let output = dir.path().join("out.onnx");
+    std::fs::write(&input, b.build()).unwrap();
+    let run = fuse(&input, &output, &["-v"]);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.starts_with(&format!("fused {fused} blocks")),
+        "{stdout}"
+    );
+    let want: BTreeMap<String, usize> = ops.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    assert_eq!(op_histogram(&output), want, "{stdout}");
+    if fused == 0 {
+        assert_eq!(
+            std::fs::read(&output).unwrap(),
+            std::fs::read(&input).unwrap()
+        );
+    }
+    let shape: Vec<usize> = b.graph.input[0]
+        .r#type
+        .as_ref()
+        .and_then(|t| match &t.value {
+            Some(onnx_repvgg::onnx::proto::type_proto::Value::TensorType(t)) => t.shape.as_ref(),
+            _ => None,
+        })
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(
+                        onnx_repvgg::onnx::proto::tensor_shape_proto::dimension::Value::DimValue(v),
+                    ) => v as usize,
+                    _ => 1,
+                })
+                .collect()
+        })
+        .unwrap();
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 211) as f32 / 105.0) - 1.0)
+        .collect();
+    let x = Tensor::from(tract_ndarray::ArrayD::from_shape_vec(shape, data).unwrap());
+    let a = run_tract(&input, &x);
+    let c = run_tract(&output, &x);
+    for (a, c) in a.iter().zip(&c) {
+        let rel = relative_error(a, c);
+        assert!(rel < 1e-5, "relative error {rel:.3e}\n{stdout}");
+    }
+    stdout
+}
+
+/// The classic RepVGG block on x: 3x3+BN, 1x1+BN, BN(x), in the given operand order.
+fn repvgg(b: &mut Builder, x: &str, c: usize, order: &str) -> String {
+    let c3 = b.conv(x, ConvSpec::k3(c, c));
+    let d = b.bn(&c3, c, 1e-5);
+    let c1 = b.conv(x, ConvSpec::k1(c, c));
+    let o = b.bn(&c1, c, 1e-5);
+    let id = b.bn(x, c, 1e-5);
+    match order {
+        "dense first" => {
+            let s = b.node("Add", &[&d, &o], vec![]);
+            b.node("Add", &[&s, &id], vec![])
+        }
+        "identity first" => {
+            let s = b.node("Add", &[&o, &d], vec![]);
+            b.node("Add", &[&id, &s], vec![])
+        }
+        "right nested" => {
+            let s = b.node("Add", &[&o, &id], vec![]);
+            b.node("Add", &[&d, &s], vec![])
+        }
+        _ => b.node("Sum", &[&id, &o, &d], vec![]),
+    }
+}
+
+#[test]
+fn every_operand_order_and_sum_fold() {
+    for order in ["dense first", "identity first", "right nested", "sum"] {
+        let mut b = Builder::new(&SHAPE);
+        let y = repvgg(&mut b, "x", 4, order);
+        let r = b.node("Relu", &[&y], vec![]);
+        b.output(&r, &SHAPE);
+        fuse_and_compare(&b, 1, &[("Conv", 1), ("Relu", 1)]);
+    }
+}
+
+#[test]
+fn stacked_blocks_and_a_block_feeding_the_graph_output() {
+    let mut b = Builder::new(&SHAPE);
+    let y1 = repvgg(&mut b, "x", 4, "dense first");
+    let r1 = b.node("Relu", &[&y1], vec![]);
+    let y2 = repvgg(&mut b, &r1, 4, "sum");
+    b.output(&y2, &SHAPE);
+    let out = fuse_and_compare(&b, 2, &[("Conv", 2), ("Relu", 1)]);
+    assert!(out.contains("[3x3 + 1x1 + identity]"), "{out}");
+}
+
+#[test]
+fn identity_nodes_are_looked_through() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let d = b.bn(&c3, 4, 1e-5);
+    let d = b.node("Identity", &[&d], vec![]);
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let c1 = b.node("Identity", &[&c1], vec![]);
+    let o = b.bn(&c1, 4, 1e-5);
+    let xi = b.node("Identity", &["x"], vec![]);
+    let s = b.node("Add", &[&d, &o], vec![]);
+    let s = b.node("Identity", &[&s], vec![]);
+    let y = b.node("Add", &[&s, &xi], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1)]);
+}
+
+#[test]
+fn raw_identity_biased_convs_and_yolo_epsilon() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv(
+        "x",
+        ConvSpec {
+            bias: true,
+            ..ConvSpec::k3(4, 4)
+        },
+    );
+    let d = b.bn(&c3, 4, 1e-3);
+    let c1 = b.conv(
+        "x",
+        ConvSpec {
+            bias: true,
+            ..ConvSpec::k1(4, 4)
+        },
+    );
+    let s = b.node("Add", &[&d, &c1], vec![]);
+    let y = b.node("Add", &["x", &s], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1)]);
+}
+
+#[test]
+fn stride_two_block_with_channel_change_has_no_identity() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv(
+        "x",
+        ConvSpec {
+            stride: 2,
+            ..ConvSpec::k3(4, 8)
+        },
+    );
+    let d = b.bn(&c3, 8, 1e-5);
+    let c1 = b.conv(
+        "x",
+        ConvSpec {
+            stride: 2,
+            ..ConvSpec::k1(4, 8)
+        },
+    );
+    let o = b.bn(&c1, 8, 1e-5);
+    let y = b.node("Add", &[&d, &o], vec![]);
+    b.output(&y, &[1, 8, 3, 3]);
+    let out = fuse_and_compare(&b, 1, &[("Conv", 1)]);
+    assert!(out.contains("fused 1 blocks (1 without identity)"), "{out}");
+}
+
+#[test]
+fn grouped_and_depthwise_identities() {
+    for group in [2, 4] {
+        let mut b = Builder::new(&SHAPE);
+        let c3 = b.conv(
+            "x",
+            ConvSpec {
+                group,
+                ..ConvSpec::k3(4, 4)
+            },
+        );
+        let d = b.bn(&c3, 4, 1e-5);
+        let c1 = b.conv(
+            "x",
+            ConvSpec {
+                group,
+                ..ConvSpec::k1(4, 4)
+            },
+        );
+        let o = b.bn(&c1, 4, 1e-5);
+        let id = b.bn("x", 4, 1e-5);
+        let s = b.node("Add", &[&d, &o], vec![]);
+        let y = b.node("Add", &[&s, &id], vec![]);
+        b.output(&y, &SHAPE);
+        fuse_and_compare(&b, 1, &[("Conv", 1)]);
+    }
+}
+
+#[test]
+fn same_auto_pad_with_stride_one_folds() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv_auto_pad("x", 4, 4, 3, "SAME_UPPER");
+    let c1 = b.conv_auto_pad("x", 4, 4, 1, "VALID");
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1)]);
+}
+
+#[test]
+fn constant_node_weights_fold_and_their_nodes_go() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    // Move the 1x1 weight into a Constant node.
+    let w = b.graph.initializer.pop().unwrap();
+    let name = w.name.clone().unwrap();
+    b.graph.node.insert(
+        0,
+        onnx_repvgg::onnx::proto::NodeProto {
+            output: vec![name],
+            name: Some("weight_constant".into()),
+            op_type: Some("Constant".into()),
+            attribute: vec![onnx_repvgg::onnx::proto::AttributeProto {
+                name: Some("value".into()),
+                r#type: Some(4),
+                t: Some(w),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1)]);
+}
+
+#[test]
+fn a_statistic_shared_with_a_bn_outside_the_block_is_kept_intact() {
+    let mut b = Builder::new(&SHAPE);
+    let y = repvgg(&mut b, "x", 4, "dense first");
+    // Another BN outside any block reads the same (deduplicated) variance tensor as the first BN.
+    let shared_var = b.graph.node[1].input[4].clone();
+    let other = b.bn(&y, 4, 1e-5);
+    let last = b.graph.node.len() - 1;
+    b.graph.node[last].input[4] = shared_var;
+    b.output(&other, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1), ("BatchNormalization", 1)]);
+}
+
+#[test]
+fn a_branch_value_used_elsewhere_blocks_the_fold() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    b.output(&y, &SHAPE);
+    b.output(&c3, &SHAPE);
+    let out = fuse_and_compare(&b, 0, &[("Conv", 2), ("Add", 1)]);
+    assert!(out.contains("is also used elsewhere"), "{out}");
+}
+
+#[test]
+fn branches_reading_different_inputs_are_no_block() {
+    let mut b = Builder::new(&SHAPE);
+    let r = b.node("Relu", &["x"], vec![]);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let c1 = b.conv(&r, ConvSpec::k1(4, 4));
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 0, &[("Conv", 2), ("Add", 1), ("Relu", 1)]);
+}
+
+#[test]
+fn an_outer_residual_leaves_the_inner_block_fusable() {
+    let mut b = Builder::new(&SHAPE);
+    let r = b.node("Relu", &["x"], vec![]);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let s = b.node("Add", &[&c3, &c1], vec![]);
+    let y = b.node("Add", &[&s, &r], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1), ("Add", 1), ("Relu", 1)]);
+}
+
+#[test]
+fn mismatched_groups_are_skipped_with_the_reason() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv(
+        "x",
+        ConvSpec {
+            group: 2,
+            ..ConvSpec::k3(4, 4)
+        },
+    );
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    b.output(&y, &SHAPE);
+    let out = fuse_and_compare(&b, 0, &[("Conv", 2), ("Add", 1)]);
+    assert!(
+        out.contains("skipped") && out.contains("group=2 and group=1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_weight_that_is_also_a_graph_input_is_not_a_constant() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let w = b.graph.node[1].input[1].clone();
+    b.graph
+        .input
+        .push(common::builder::value_info(&w, &[4, 4, 1, 1]));
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    b.output(&y, &SHAPE);
+    let out = fuse_and_compare(&b, 0, &[("Conv", 2), ("Add", 1)]);
+    assert!(out.contains("is not a constant"), "{out}");
+}
+
+#[test]
+fn value_info_of_removed_values_goes_and_the_rest_stays() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    let r = b.node("Relu", &[&y], vec![]);
+    b.output(&r, &SHAPE);
+    for v in [&c3, &c1, &y] {
+        b.graph
+            .value_info
+            .push(common::builder::value_info(v, &SHAPE));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
+    std::fs::write(&input, b.build()).unwrap();
+    assert!(fuse(&input, &output, &[]).status.success());
+    let model = tract_onnx::onnx().proto_model_for_path(&output).unwrap();
+    let kept: Vec<String> = model
+        .graph
+        .unwrap()
+        .value_info
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(kept, vec![y]);
+}
