@@ -74,29 +74,21 @@ fn print_fuse(r: &FuseReport, verbose: bool) {
         r.elapsed.as_secs_f64() * 1e3
     );
     if verbose {
-        for b in &r.fused {
-            println!("  fused    {}", describe(b));
-        }
+        let mut blocks: Vec<&BlockInfo> = r.fused.iter().chain(&r.skipped).collect();
+        blocks.sort_by_key(|b| !b.fusable);
+        print_table(&blocks, "  ", "status");
+        return;
     }
     for b in &r.skipped {
         println!(
-            "  skipped  {}: {}",
-            describe(b),
+            "  skipped {} ({}→{}, {}): {}",
+            b.name,
+            b.in_channels,
+            b.out_channels,
+            b.branches.join(" + "),
             b.reason.as_deref().unwrap_or("")
         );
     }
-}
-
-fn describe(b: &BlockInfo) -> String {
-    format!(
-        "{}  {}→{}  stride {}  groups {}  [{}]",
-        b.name,
-        b.in_channels,
-        b.out_channels,
-        stride(b),
-        b.groups,
-        b.branches.join(" + ")
-    )
 }
 
 fn stride(b: &BlockInfo) -> String {
@@ -111,9 +103,10 @@ fn stride(b: &BlockInfo) -> String {
     }
 }
 
-fn print_inspect(r: &InspectReport) {
-    let rows: Vec<[String; 7]> = r
-        .blocks
+/// One row per block, columns padded to the widest cell; the last column says fused/fusable.
+fn print_table(blocks: &[&BlockInfo], indent: &str, last: &str) {
+    let yes = if last == "status" { "fused" } else { "yes" };
+    let rows: Vec<[String; 7]> = blocks
         .iter()
         .map(|b| {
             [
@@ -124,14 +117,14 @@ fn print_inspect(r: &InspectReport) {
                 b.branches.join(" + "),
                 if b.has_identity() { "yes" } else { "none" }.into(),
                 match &b.reason {
-                    None => "yes".into(),
+                    None => yes.into(),
                     Some(r) => format!("no: {r}"),
                 },
             ]
         })
         .collect();
     let header = [
-        "block", "channels", "stride", "groups", "branches", "identity", "fusable",
+        "block", "channels", "stride", "groups", "branches", "identity", last,
     ]
     .map(String::from);
     let mut widths = header.clone().map(|h| h.chars().count());
@@ -146,8 +139,13 @@ fn print_inspect(r: &InspectReport) {
             .zip(&widths)
             .map(|(c, &w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", cells.join("  ").trim_end());
+        println!("{indent}{}", cells.join("  ").trim_end());
     }
+}
+
+fn print_inspect(r: &InspectReport) {
+    let blocks: Vec<&BlockInfo> = r.blocks.iter().collect();
+    print_table(&blocks, "", "fusable");
     println!(
         "{} blocks, {} without identity, {} fusable",
         r.blocks.len(),

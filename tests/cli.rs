@@ -63,19 +63,25 @@ fn verbose_fuse_lists_every_block() {
     let o = fuse(&sample(), &dir.path().join("deploy.onnx"), &["-v"]);
     assert!(o.status.success());
     let out = stdout(&o);
-    let blocks: Vec<&str> = out
-        .lines()
-        .filter(|l| l.trim_start().starts_with("fused "))
-        .skip(1)
-        .collect();
-    assert_eq!(blocks.len(), 7, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1 + 1 + 7, "{out}");
     assert!(
-        blocks[0].contains("stage0  3→8  stride 2  groups 1  [3x3 + 1x1]"),
+        lines[1].trim_start().starts_with("block") && lines[1].ends_with("status"),
         "{out}"
     );
-    assert!(
-        blocks[3].contains("stage2.1  16→16  stride 1  groups 1  [3x3 + 1x1 + identity]"),
-        "{out}"
+    let stage0: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(
+        stage0,
+        [
+            "stage0", "3→8", "2", "1", "3x3", "+", "1x1", "none", "fused"
+        ]
+    );
+    let stage2_1: Vec<&str> = lines[5].split_whitespace().collect();
+    assert_eq!(
+        stage2_1,
+        [
+            "stage2.1", "16→16", "1", "1", "3x3", "+", "1x1", "+", "identity", "yes", "fused"
+        ]
     );
 }
 
