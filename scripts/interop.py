@@ -33,8 +33,11 @@ def run(path, feed):
 
 
 def signature(model):
+    """Graph inputs a caller feeds (not the initializers IR < 4 had to list) and outputs."""
     g = model.graph
-    return [(v.name, v.type.SerializeToString()) for v in list(g.input) + list(g.output)]
+    weights = {t.name for t in g.initializer}
+    inputs = [v for v in g.input if v.name not in weights]
+    return [(v.name, v.type.SerializeToString()) for v in inputs + list(g.output)]
 
 
 def main():

@@ -139,11 +139,28 @@ impl<'m> GraphIndex<'m> {
         self.consumers(value).len() == 1 && !self.is_output(value)
     }
 
-    /// The constant tensor named `value`: an initializer that is not a graph input, or the
-    /// `value` attribute of a `Constant` node.
+    /// Whether `value` is a graph input that a caller may feed (an initializer listed as an
+    /// input is a default value, except in IR < 4 models where every initializer was listed).
+    pub fn is_overridable_input(&self, value: &str) -> bool {
+        self.inputs.contains(value)
+            && !(self.initializers.contains_key(value)
+                && self.model.initializers_listed_as_inputs())
+    }
+
+    /// The constant tensor named `value`: an initializer that is not an overridable graph input,
+    /// or the `value` attribute of a `Constant` node.
     pub fn constant(&self, value: &str) -> Option<&'m TensorProto> {
+        if self.is_overridable_input(value) {
+            return None;
+        }
+        self.declared_tensor(value)
+    }
+
+    /// The tensor an initializer or `Constant` node declares for `value`, constant or not (for
+    /// describing shapes).
+    pub fn declared_tensor(&self, value: &str) -> Option<&'m TensorProto> {
         if let Some(&i) = self.initializers.get(value) {
-            return (!self.inputs.contains(value)).then(|| &self.model.initializers[i]);
+            return Some(&self.model.initializers[i]);
         }
         let node = self.node(self.producer(value)?);
         if node.op_type() != "Constant" || !is_default_domain(node) {

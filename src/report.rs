@@ -53,7 +53,7 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
         let dims: Vec<usize> = node
             .input
             .get(1)
-            .and_then(|w| index.constant(w))
+            .and_then(|w| index.declared_tensor(w))
             .map(|w| w.dims.iter().map(|&d| d.max(0) as usize).collect())
             .unwrap_or_default();
         let kernel = dims.get(2..).unwrap_or(&[]);

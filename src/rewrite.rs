@@ -8,7 +8,10 @@ use std::collections::{HashMap, HashSet};
 
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
-use crate::onnx::proto::{NodeProto, TensorProto};
+use crate::onnx::proto::{
+    NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto,
+    type_proto,
+};
 use crate::plan::BlockPlan;
 use crate::tensor;
 
@@ -21,8 +24,12 @@ pub struct Patch {
     pub removed_nodes: HashSet<usize>,
     pub removed_initializers: HashSet<usize>,
     pub removed_value_info: HashSet<usize>,
+    /// Graph inputs dropped with their initializer (IR < 4 lists every initializer as an input).
+    pub removed_inputs: HashSet<usize>,
     /// Initializers to append, in order.
     pub new_initializers: Vec<TensorProto>,
+    /// Graph inputs to append, in order (the new initializers, for IR < 4 models).
+    pub new_inputs: Vec<ValueInfoProto>,
 }
 
 impl Patch {
@@ -32,7 +39,9 @@ impl Patch {
             && self.removed_nodes.is_empty()
             && self.removed_initializers.is_empty()
             && self.removed_value_info.is_empty()
+            && self.removed_inputs.is_empty()
             && self.new_initializers.is_empty()
+            && self.new_inputs.is_empty()
     }
 }
 
@@ -66,9 +75,8 @@ pub fn build(index: &GraphIndex, plans: &[BlockPlan]) -> Patch {
         .enumerate()
         .map(|(i, t)| (t.name(), i))
         .collect();
-    let graph_inputs: HashSet<&str> = model.inputs.iter().map(|v| v.name()).collect();
     while let Some(value) = worklist.pop() {
-        if uses.get(value) > 0 || index.is_output(value) || graph_inputs.contains(value) {
+        if uses.get(value) > 0 || index.is_output(value) || index.is_overridable_input(value) {
             continue;
         }
         if let Some(&i) = initializers.get(value) {
@@ -98,7 +106,53 @@ pub fn build(index: &GraphIndex, plans: &[BlockPlan]) -> Patch {
             patch.removed_value_info.insert(i);
         }
     }
+    if model.initializers_listed_as_inputs() {
+        list_initializers_as_inputs(index, &mut patch);
+    }
     patch
+}
+
+/// IR < 4 models list every initializer among the graph inputs: keep them in step.
+fn list_initializers_as_inputs(index: &GraphIndex, patch: &mut Patch) {
+    let model = index.model;
+    let removed: HashSet<&str> = patch
+        .removed_initializers
+        .iter()
+        .map(|&i| model.initializers[i].name())
+        .collect();
+    for (i, v) in model.inputs.iter().enumerate() {
+        if removed.contains(v.name()) {
+            patch.removed_inputs.insert(i);
+        }
+    }
+    patch.new_inputs = patch
+        .new_initializers
+        .iter()
+        .map(tensor_value_info)
+        .collect();
+}
+
+/// A graph input declaring a tensor's type and shape.
+fn tensor_value_info(t: &TensorProto) -> ValueInfoProto {
+    let dim = t
+        .dims
+        .iter()
+        .map(|&d| tensor_shape_proto::Dimension {
+            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+            denotation: None,
+        })
+        .collect();
+    ValueInfoProto {
+        name: t.name.clone(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: t.data_type,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
 }
 
 /// How many node inputs read each value once the patch applies.

@@ -16,7 +16,8 @@ branches by ``rbr_reparam`` (3x3 Conv with bias), fused in PyTorch as the offici
 Every BatchNorm gets random, non-trivial statistics and affine parameters from a fixed seed
 (running_mean ~ N(0, 0.5), running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.3)),
 then the model is put in eval mode. Each model is exported in several forms (see ``FORMS``):
-TorchScript exporter with/without constant folding at opsets 17 and 13, PRESERVE and TRAINING
+TorchScript exporter with/without constant folding at opsets 17 and 13 (and without at 14 and 8,
+for BatchNormalization v14 and v7), PRESERVE and TRAINING
 modes, the dynamo exporter at opsets 18 and 20 (external data, dynamic batch), an fp16 export,
 and the deploy (already re-parameterized) model, which is the structure a fold must reproduce
 node for node.
@@ -328,6 +329,8 @@ FORMS = collections.OrderedDict([
     ("ts_nofold_op17", "TorchScript exporter, eval, opset 17, do_constant_folding=False"),
     ("ts_fold_op13", "TorchScript exporter, eval, opset 13, do_constant_folding=True"),
     ("ts_nofold_op13", "TorchScript exporter, eval, opset 13, do_constant_folding=False"),
+    ("ts_nofold_op14", "TorchScript exporter, eval, opset 14 (BatchNormalization v14), no folding"),
+    ("ts_nofold_op8", "TorchScript exporter, eval, opset 8 (BatchNormalization v7), no folding"),
     ("ts_preserve_op17", "TorchScript exporter, TrainingMode.PRESERVE on an eval model, opset 17, no folding"),
     ("ts_train_op17", "TorchScript exporter, TrainingMode.TRAINING, opset 17 (must be refused)"),
     ("ts_train_op13", "TorchScript exporter, TrainingMode.TRAINING, opset 13 (must be refused)"),
@@ -347,6 +350,10 @@ def make_form(form, model, deploy, x, x_train, path):
         export_ts(model, x, path, 13, True)
     elif form == "ts_nofold_op13":
         export_ts(model, x, path, 13, False)
+    elif form == "ts_nofold_op14":
+        export_ts(model, x, path, 14, False)
+    elif form == "ts_nofold_op8":
+        export_ts(model, x, path, 8, False)
     elif form == "ts_preserve_op17":
         m = copy.deepcopy(model).eval()
         export_ts(m, x, path, 17, False, torch.onnx.TrainingMode.PRESERVE)

@@ -258,3 +258,61 @@ fn usage_errors_exit_with_2() {
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("Exit codes"));
 }
+
+#[test]
+fn model_fields_and_graph_signature_survive_a_fusion() {
+    let dir = tempfile::tempdir().unwrap();
+    for form in ["ts_nofold_op17", "dynamo_op20_dynbatch"] {
+        let input = testdata().join(format!("models/grouped/{form}.onnx"));
+        let out = dir.path().join(format!("{form}.onnx"));
+        assert!(fuse(&input, &out, &[]).status.success());
+        let a = tract_onnx::onnx().proto_model_for_path(&input).unwrap();
+        let b = tract_onnx::onnx().proto_model_for_path(&out).unwrap();
+        assert_eq!(a.ir_version, b.ir_version);
+        assert_eq!(a.opset_import, b.opset_import);
+        assert_eq!(a.producer_name, b.producer_name);
+        assert_eq!(a.producer_version, b.producer_version);
+        assert_eq!(a.doc_string, b.doc_string);
+        assert_eq!(a.metadata_props, b.metadata_props);
+        let (ga, gb) = (a.graph.unwrap(), b.graph.unwrap());
+        assert_eq!(ga.name, gb.name);
+        assert_eq!(ga.input, gb.input);
+        assert_eq!(ga.output, gb.output);
+        // Nodes outside blocks come out unchanged and in the same order.
+        let untouched = |g: &tract_onnx::pb::GraphProto| -> Vec<tract_onnx::pb::NodeProto> {
+            g.node
+                .iter()
+                .filter(|n| !matches!(n.op_type.as_str(), "Conv" | "BatchNormalization" | "Add"))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(untouched(&ga), untouched(&gb), "{form}");
+    }
+}
+
+#[test]
+fn ir3_models_keep_every_initializer_listed_as_an_input() {
+    // Opset 8 exports are IR 3: every initializer must also be a graph input. Those of removed
+    // weights go, the fused weights are listed, the real input stays first.
+    let dir = tempfile::tempdir().unwrap();
+    let input = testdata().join("models/tiny/ts_nofold_op8.onnx");
+    let out = dir.path().join("out.onnx");
+    assert!(fuse(&input, &out, &[]).status.success());
+    let graph = tract_onnx::onnx()
+        .proto_model_for_path(&out)
+        .unwrap()
+        .graph
+        .unwrap();
+    let inputs: Vec<&str> = graph.input.iter().map(|v| v.name.as_str()).collect();
+    let mut expected: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let original = tract_onnx::onnx()
+        .proto_model_for_path(&input)
+        .unwrap()
+        .graph
+        .unwrap();
+    assert_eq!(inputs[0], original.input[0].name);
+    expected.sort();
+    let mut listed = inputs[1..].to_vec();
+    listed.sort();
+    assert_eq!(listed, expected);
+}

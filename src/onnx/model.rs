@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 
 /// ModelProto field numbers we look at.
 pub(crate) mod model_field {
+    pub const IR_VERSION: u32 = 1;
     pub const GRAPH: u32 = 7;
     pub const OPSET_IMPORT: u32 = 8;
 }
@@ -34,7 +35,8 @@ pub enum GraphItem {
     Node(usize),
     Initializer(usize),
     ValueInfo(usize),
-    /// Inputs, outputs, name, doc string and anything else: always copied through.
+    Input(usize),
+    /// Outputs, name, doc string and anything else: always copied through.
     Other,
 }
 
@@ -57,6 +59,8 @@ pub struct Model {
     pub inputs: Vec<ValueInfoProto>,
     pub outputs: Vec<ValueInfoProto>,
     pub opset_import: Vec<OperatorSetIdProto>,
+    /// `ModelProto.ir_version`, when present.
+    pub ir_version: Option<i64>,
     /// Files holding external tensor data, mapped.
     pub external: ExternalStore,
 }
@@ -93,6 +97,11 @@ impl Model {
         {
             opset_import.push(decode(&bytes, f, "opset_import").map_err(malformed)?);
         }
+        let ir_version = fields
+            .iter()
+            .find(|f| f.number == model_field::IR_VERSION)
+            .and_then(|f| f.varint(&bytes))
+            .map(|v| v as i64);
         let graph = &fields[graph_field];
         let graph_bytes = &bytes[graph.payload.clone()];
         let mut model = Model {
@@ -107,6 +116,7 @@ impl Model {
             inputs: Vec::new(),
             outputs: Vec::new(),
             opset_import,
+            ir_version,
             external: ExternalStore::default(),
         };
         let graph_fields = wire::scan(graph_bytes, graph.payload.start)
@@ -135,7 +145,7 @@ impl Model {
                     model
                         .inputs
                         .push(decode(&bytes, &f, "input").map_err(&malformed)?);
-                    GraphItem::Other
+                    GraphItem::Input(model.inputs.len() - 1)
                 }
                 graph_field::OUTPUT => {
                     model
@@ -158,6 +168,12 @@ impl Model {
             .iter()
             .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
             .and_then(|o| o.version)
+    }
+
+    /// Whether initializers are listed among the graph inputs as a formality (IR version < 4,
+    /// where every initializer had to be an input) rather than as overridable defaults.
+    pub fn initializers_listed_as_inputs(&self) -> bool {
+        self.ir_version.is_some_and(|v| v < 4)
     }
 
     /// Whether any initializer keeps its data in an external file.

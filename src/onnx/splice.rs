@@ -66,6 +66,10 @@ pub fn splice(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Splic
         .graph_fields
         .iter()
         .rposition(|(_, item)| matches!(item, GraphItem::Initializer(_)));
+    let last_input = model
+        .graph_fields
+        .iter()
+        .rposition(|(_, item)| matches!(item, GraphItem::Input(_)));
     let mut graph = Vec::with_capacity(model.fields[model.graph_field].payload.len());
     for (pos, (field, item)) in model.graph_fields.iter().enumerate() {
         match *item {
@@ -93,7 +97,13 @@ pub fn splice(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Splic
                 }
             }
             GraphItem::ValueInfo(i) if patch.removed_value_info.contains(&i) => {}
+            GraphItem::Input(i) if patch.removed_inputs.contains(&i) => {}
             _ => graph.extend_from_slice(&bytes[field.whole.clone()]),
+        }
+        if Some(pos) == last_input {
+            for v in &patch.new_inputs {
+                put_bytes_field(&mut graph, graph_field::INPUT, &v.encode_to_vec());
+            }
         }
         if Some(pos) == last_initializer {
             put_new_tensors(&mut graph, &patch.new_initializers, sidecar.as_mut())?;

@@ -1,0 +1,58 @@
+//! The output data layouts through the library: moving inline tensors to a sidecar (what happens
+//! when an output would pass protobuf's 2 GiB limit) gives a model tract runs unchanged.
+
+mod common;
+
+use common::*;
+use onnx_repvgg::graph::GraphIndex;
+use onnx_repvgg::onnx::Model;
+use onnx_repvgg::onnx::splice::{self, DataLayout, EXTERNAL_THRESHOLD};
+use onnx_repvgg::{plan, rewrite};
+
+#[test]
+fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
+    let input = testdata().join("models/grouped/ts_nofold_op17.onnx");
+    let model = Model::open(&input).unwrap();
+    let index = GraphIndex::new(&model).unwrap();
+    let analysis = plan::analyse(&index).unwrap();
+    let patch = rewrite::build(&index, &analysis.plans);
+    let layout = DataLayout::Sidecar {
+        location: "big.onnx.data".into(),
+        move_inline: true,
+    };
+    let spliced = splice::splice(&model, &patch, &layout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("big.onnx");
+    std::fs::write(&out, &spliced.model).unwrap();
+    let sidecar = spliced.sidecar.expect("a sidecar");
+    std::fs::write(dir.path().join("big.onnx.data"), &sidecar).unwrap();
+    assert!(
+        spliced.model.len() < 16 * 1024,
+        "tensors left inline: {} bytes",
+        spliced.model.len()
+    );
+    assert!(sidecar.len() > 100 * 1024);
+
+    let reread = Model::open(&out).unwrap();
+    let external = reread
+        .initializers
+        .iter()
+        .filter(|t| t.data_location == Some(1))
+        .count();
+    let big = reread
+        .initializers
+        .iter()
+        .filter(|t| {
+            t.raw_data
+                .as_ref()
+                .is_some_and(|r| r.len() >= EXTERNAL_THRESHOLD)
+        })
+        .count();
+    assert!(external > 0);
+    assert_eq!(big, 0, "a tensor over the threshold stayed inline");
+
+    let x = load_tensor(&testdata().join("models/grouped/input.pb"));
+    let want = run_tract(&input, &x);
+    let got = run_tract(&out, &x);
+    assert!(relative_error(&want[0], &got[0]) < TOLERANCE_F32);
+}
