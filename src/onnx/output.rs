@@ -89,11 +89,15 @@ pub fn write(output: &Path, model: &[u8], sidecar: Option<(&Path, &[u8])>) -> Re
 /// Writes `data` to a temporary file next to `path`; it vanishes unless persisted.
 fn stage(path: &Path, data: &[u8]) -> Result<tempfile::NamedTempFile> {
     let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".onnx-repvgg-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".onnx-repvgg-").suffix(".tmp");
+    #[cfg(unix)]
+    {
+        // Like any new file (0666 less the umask), not tempfile's private 0600.
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(data).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
     Ok(tmp)
@@ -132,5 +136,15 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), b"model");
         assert_eq!(std::fs::read(&side).unwrap(), b"data");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+            assert_ne!(
+                mode & 0o044,
+                0,
+                "output readable only by its owner: {mode:o}"
+            );
+        }
     }
 }
