@@ -170,12 +170,70 @@ impl AffineConv {
         Ok(self)
     }
 
+    /// `−y`: the branch subtracted.
+    pub fn negate(self) -> AffineConv {
+        AffineConv {
+            weight: -self.weight,
+            bias: -self.bias,
+            geometry: self.geometry,
+        }
+    }
+
+    /// The same convolution with its taps spread to dilation `to` (which divides each current
+    /// dilation): a kernel of extent k at dilation d becomes extent (d/to)(k−1)+1 at dilation
+    /// `to`, zeros between the taps.
+    pub fn spread(self, to: &[usize]) -> AffineConv {
+        let factors: Vec<usize> = self
+            .geometry
+            .dilations
+            .iter()
+            .zip(to)
+            .map(|(d, t)| d / t)
+            .collect();
+        if factors.iter().all(|&f| f == 1) {
+            return self;
+        }
+        let mut shape = self.weight.shape().to_vec();
+        for (axis, &f) in factors.iter().enumerate() {
+            shape[axis + 2] = f * (shape[axis + 2] - 1) + 1;
+        }
+        let mut weight = ArrayD::zeros(IxDyn(&shape));
+        weight
+            .slice_each_axis_mut(|ax| {
+                let i = ax.axis.index();
+                if i < 2 {
+                    Slice::from(..)
+                } else {
+                    Slice::from(..).step_by(factors[i - 2] as isize)
+                }
+            })
+            .assign(&self.weight);
+        let mut geometry = self.geometry;
+        geometry.dilations = to.to_vec();
+        AffineConv {
+            weight,
+            bias: self.bias,
+            geometry,
+        }
+    }
+
     /// Sums branches that read the same input into one convolution.
     pub fn sum(terms: &[AffineConv]) -> Result<AffineConv, AlgebraError> {
         let first = terms.first().ok_or(AlgebraError::Empty)?;
         let rank = first.geometry.rank();
         for t in &terms[1..] {
             check_compatible(first, t)?;
+        }
+        let common: Vec<usize> = (0..rank).map(|axis| common_dilation(terms, axis)).collect();
+        if terms
+            .iter()
+            .any(|t| (0..rank).any(|a| t.kernel()[a] > 1 && t.geometry.dilations[a] != common[a]))
+        {
+            let spread: Vec<AffineConv> = terms
+                .iter()
+                .map(|t| t.clone().spread_axes(&common))
+                .collect();
+            return AffineConv::sum(&spread);
         }
         let mut target = Geometry {
             strides: first.geometry.strides.clone(),
@@ -277,6 +335,34 @@ fn check_compatible(a: &AffineConv, b: &AffineConv) -> Result<(), AlgebraError> 
         }
     }
     Ok(())
+}
+
+/// The greatest common divisor of the dilations of the branches wider than one tap on `axis`.
+fn common_dilation(terms: &[AffineConv], axis: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    terms
+        .iter()
+        .filter(|t| t.kernel()[axis] > 1)
+        .map(|t| t.geometry.dilations[axis].max(1))
+        .fold(0, gcd)
+        .max(1)
+}
+
+impl AffineConv {
+    /// [`AffineConv::spread`] on the axes wider than one tap; 1-tap axes just take `to`.
+    fn spread_axes(mut self, to: &[usize]) -> AffineConv {
+        for (axis, &t) in to.iter().enumerate() {
+            if self.kernel()[axis] == 1 {
+                self.geometry.dilations[axis] = t;
+            }
+        }
+        self.spread(to)
+    }
 }
 
 /// The dilation shared by every branch whose kernel is wider than one tap on `axis` (a 1-tap
@@ -500,6 +586,32 @@ mod tests {
     }
 
     #[test]
+    fn branches_of_different_dilations_are_spread_and_summed() {
+        let x = input(2, 9, 9);
+        for (d, p) in [(2, 2), (3, 3)] {
+            let fused = check_sum(
+                &[
+                    conv(2, 2, [3, 3], [1, 1, 1, 1], 1, 1, 1, 16),
+                    conv(2, 2, [3, 3], [p, p, p, p], 1, d, 1, 17),
+                    conv(2, 2, [5, 5], [4, 4, 4, 4], 1, 2, 1, 18),
+                ],
+                &x,
+            );
+            assert_eq!(fused.geometry.dilations, vec![1, 1]);
+        }
+        // Dilations 2 and 4 share dilation 2: the target stays dilated.
+        let fused = check_sum(
+            &[
+                conv(2, 2, [3, 3], [2, 2, 2, 2], 1, 2, 1, 19),
+                conv(2, 2, [3, 3], [4, 4, 4, 4], 1, 4, 1, 20),
+            ],
+            &x,
+        );
+        assert_eq!(fused.geometry.dilations, vec![2, 2]);
+        assert_eq!(fused.kernel(), &[5, 5]);
+    }
+
+    #[test]
     fn shifted_kernels_grow_the_target() {
         let x = input(2, 6, 6);
         let fused = check_sum(
@@ -541,10 +653,7 @@ mod tests {
             AffineConv::sum(&[a.clone(), conv(4, 4, [1, 1], [1, 1, 1, 1], 1, 1, 1, 2)]),
             Err(AlgebraError::OutputSize { .. })
         ));
-        assert!(matches!(
-            AffineConv::sum(&[a.clone(), conv(4, 4, [3, 3], [2, 2, 2, 2], 1, 2, 1, 2)]),
-            Err(AlgebraError::Dilation { .. })
-        ));
+
         assert!(matches!(
             a.clone().scale_shift(&[1.0], &[0.0]),
             Err(AlgebraError::ChannelParams { .. })

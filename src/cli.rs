@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use onnx_repvgg::{BlockInfo, FuseReport, InspectReport};
+use onnx_repvgg::{BlockInfo, FuseReport, InspectReport, Options};
 
 /// Fold RepVGG-style multi-branch blocks of an ONNX model into single convolutions.
 ///
@@ -35,11 +35,18 @@ enum Command {
         /// Also print one line per fused block.
         #[arg(short, long)]
         verbose: bool,
+        /// Fold BatchNormalization nodes exported in training mode, with their running
+        /// statistics (inference semantics). Prints a warning.
+        #[arg(long)]
+        allow_training: bool,
     },
     /// List the blocks of IN: channels, stride, groups, branches, and whether each can be folded.
     Inspect {
         /// The model to study.
         input: PathBuf,
+        /// Count BatchNormalization nodes in training mode as foldable (see `fuse --allow-training`).
+        #[arg(long)]
+        allow_training: bool,
     },
 }
 
@@ -50,12 +57,30 @@ pub fn run(args: Args) -> Result<()> {
             input,
             output,
             verbose,
+            allow_training,
         } => {
-            let report = onnx_repvgg::fuse_file(&input, &output)?;
+            let options = Options {
+                allow_training_bn: allow_training,
+            };
+            let report = onnx_repvgg::fuse_file(&input, &output, options)?;
+            if report.training_bn_folded > 0 {
+                eprintln!(
+                    "onnx-repvgg: warning: folded {} BatchNormalization nodes exported in training \
+                     mode with their running statistics (the export's own forward pass updated \
+                     them); re-exporting after model.eval() is safer",
+                    report.training_bn_folded
+                );
+            }
             print_fuse(&report, verbose);
         }
-        Command::Inspect { input } => {
-            let report = onnx_repvgg::inspect_file(&input)?;
+        Command::Inspect {
+            input,
+            allow_training,
+        } => {
+            let options = Options {
+                allow_training_bn: allow_training,
+            };
+            let report = onnx_repvgg::inspect_file(&input, options)?;
             print_inspect(&report);
         }
     }
@@ -73,6 +98,16 @@ fn print_fuse(r: &FuseReport, verbose: bool) {
         r.params_after,
         r.elapsed.as_secs_f64() * 1e3
     );
+    let rounding = r
+        .fused
+        .iter()
+        .filter_map(|b| b.rounding_error)
+        .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
+    if let Some(e) = rounding {
+        println!(
+            "  half-precision weights: folded in f64, rounded once (largest change {e:.1e} of the largest weight)"
+        );
+    }
     if verbose {
         let mut blocks: Vec<&BlockInfo> = r.fused.iter().chain(&r.skipped).collect();
         blocks.sort_by_key(|b| !b.fusable);
@@ -85,10 +120,19 @@ fn print_fuse(r: &FuseReport, verbose: bool) {
             b.name,
             b.in_channels,
             b.out_channels,
-            b.branches.join(" + "),
+            shape(b),
             b.reason.as_deref().unwrap_or("")
         );
     }
+}
+
+/// Branches, then what follows their sum: `3x3 + 1x1 + identity → BatchNormalization`.
+fn shape(b: &BlockInfo) -> String {
+    let mut s = b.branches.join(" + ");
+    for op in &b.post {
+        s += &format!(" → {op}");
+    }
+    s
 }
 
 fn stride(b: &BlockInfo) -> String {
@@ -114,7 +158,7 @@ fn print_table(blocks: &[&BlockInfo], indent: &str, last: &str) {
                 format!("{}→{}", b.in_channels, b.out_channels),
                 stride(b),
                 b.groups.to_string(),
-                b.branches.join(" + "),
+                shape(b),
                 if b.has_identity() { "yes" } else { "none" }.into(),
                 match &b.reason {
                     None => yes.into(),

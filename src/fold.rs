@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
-use crate::pattern::{Block, Branch};
+use crate::pattern::{Block, ChannelOp, Term};
 use crate::tensor::{self, FloatType};
 
 /// A block folded into one convolution, with the element type to write it in.
@@ -40,53 +40,209 @@ fn skip<T>(reason: impl Into<String>) -> Result<T, FoldError> {
     Err(FoldError::Skip(reason.into()))
 }
 
-/// Folds every branch of `block` and sums them.
-pub fn fold(index: &GraphIndex, block: &Block) -> Result<Folded, FoldError> {
-    let mut terms = Vec::with_capacity(block.branches.len());
-    let mut dtype = None;
-    let mut first_conv: Option<(usize, usize, Vec<usize>, usize)> = None;
-    for branch in &block.branches {
-        let Branch::Conv { conv, bn } = *branch else {
-            continue;
-        };
-        let (term, ty) = conv_term(index, conv)?;
-        dtype.get_or_insert(ty);
-        first_conv.get_or_insert((
-            term.in_channels(),
-            term.out_channels(),
-            term.geometry.strides.clone(),
-            term.geometry.group,
-        ));
-        terms.push(match bn {
-            Some(bn) => apply_bn(index, bn, term)?,
-            None => term,
-        });
-    }
-    let (Some(dtype), Some((c_in, c_out, strides, group))) = (dtype, first_conv) else {
+/// How the tree's leaves see the input: from the first Conv leaf.
+#[derive(Debug, Clone)]
+struct Context {
+    in_channels: usize,
+    out_channels: usize,
+    group: usize,
+    strides: Vec<usize>,
+}
+
+/// Options that change what may be folded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FoldOptions {
+    /// Fold BatchNormalization nodes exported in training mode with their running statistics.
+    pub allow_training_bn: bool,
+}
+
+/// Folds the block's expression tree into one convolution.
+pub fn fold(index: &GraphIndex, block: &Block, options: FoldOptions) -> Result<Folded, FoldError> {
+    let convs = block.convs();
+    let Some(&first) = convs.first() else {
         return skip("no Conv branch");
     };
-    for branch in &block.branches {
-        let Branch::Identity { bn } = *branch else {
-            continue;
-        };
-        if c_in != c_out {
-            return skip(format!(
-                "identity branch needs as many input as output channels ({c_in} → {c_out})"
-            ));
-        }
-        if strides.iter().any(|&s| s != 1) {
-            return skip(format!(
-                "identity branch needs stride 1 (strides {strides:?})"
-            ));
-        }
-        let term = AffineConv::identity(c_in, group, strides.len());
-        terms.push(match bn {
-            Some(bn) => apply_bn(index, bn, term)?,
-            None => term,
-        });
-    }
-    let conv = AffineConv::sum(&terms).map_err(|e| FoldError::Skip(e.to_string()))?;
+    let (probe, dtype) = conv_term(index, first)?;
+    let ctx = Context {
+        in_channels: probe.in_channels(),
+        out_channels: probe.out_channels(),
+        group: probe.geometry.group,
+        strides: probe.geometry.strides.clone(),
+    };
+    let conv = eval(index, &block.term, &ctx, options)?;
     Ok(Folded { conv, dtype })
+}
+
+fn eval(
+    index: &GraphIndex,
+    term: &Term,
+    ctx: &Context,
+    options: FoldOptions,
+) -> Result<AffineConv, FoldError> {
+    match term {
+        Term::Conv(n) => Ok(conv_term(index, *n)?.0),
+        Term::AvgPool(n) => avg_pool_term(index, *n, ctx),
+        Term::Raw(_) => identity_term(ctx, "identity"),
+        Term::Channel { node, op, inner } => {
+            let inner = eval(index, inner, ctx, options)?;
+            let o = inner.out_channels();
+            let (scale, shift) = match op {
+                ChannelOp::BatchNorm => bn_scale_shift(index, *node, options)?,
+                ChannelOp::Mul(c) => (
+                    per_channel(index, *node, c, o, inner.geometry.rank())?,
+                    vec![0.0; o],
+                ),
+                ChannelOp::Div(c) => {
+                    let d = per_channel(index, *node, c, o, inner.geometry.rank())?;
+                    if d.contains(&0.0) {
+                        return skip(format!("'{}' divides by zero", index.node(*node).name()));
+                    }
+                    (d.iter().map(|v| 1.0 / v).collect(), vec![0.0; o])
+                }
+                ChannelOp::Add(c) => (
+                    vec![1.0; o],
+                    per_channel(index, *node, c, o, inner.geometry.rank())?,
+                ),
+                ChannelOp::Sub(c) => {
+                    let v = per_channel(index, *node, c, o, inner.geometry.rank())?;
+                    (vec![1.0; o], v.iter().map(|x| -x).collect())
+                }
+                ChannelOp::SubFrom(c) => (
+                    vec![-1.0; o],
+                    per_channel(index, *node, c, o, inner.geometry.rank())?,
+                ),
+            };
+            let name = index.node(*node).name();
+            inner
+                .scale_shift(&scale, &shift)
+                .map_err(|e| FoldError::Skip(format!("'{name}': {e}")))
+        }
+        Term::Sum { terms, .. } => {
+            let mut parts = Vec::with_capacity(terms.len());
+            for (negate, t) in terms {
+                let part = eval(index, t, ctx, options)?;
+                parts.push(if *negate { part.negate() } else { part });
+            }
+            AffineConv::sum(&parts).map_err(|e| FoldError::Skip(e.to_string()))
+        }
+    }
+}
+
+/// The identity on the block's channels (raw x, or the input of a BN(x) branch).
+fn identity_term(ctx: &Context, what: &str) -> Result<AffineConv, FoldError> {
+    if ctx.in_channels != ctx.out_channels {
+        return skip(format!(
+            "{what} branch needs as many input as output channels ({} → {})",
+            ctx.in_channels, ctx.out_channels
+        ));
+    }
+    if ctx.strides.iter().any(|&s| s != 1) {
+        return skip(format!(
+            "{what} branch needs stride 1 (strides {:?})",
+            ctx.strides
+        ));
+    }
+    Ok(AffineConv::identity(
+        ctx.in_channels,
+        ctx.group,
+        ctx.strides.len(),
+    ))
+}
+
+/// An `AvgPool` of the input as a depthwise convolution with weights 1/k.
+fn avg_pool_term(index: &GraphIndex, n: usize, ctx: &Context) -> Result<AffineConv, FoldError> {
+    let node = index.node(n);
+    let name = node.name();
+    let Some(kernel) = attr::ints(node, "kernel_shape") else {
+        return skip(format!("AvgPool '{name}' has no kernel_shape"));
+    };
+    if kernel.iter().any(|&k| k < 1) {
+        return skip(format!("AvgPool '{name}' has kernel_shape {kernel:?}"));
+    }
+    let kernel: Vec<usize> = kernel.iter().map(|&k| k as usize).collect();
+    if attr::int(node, "ceil_mode").unwrap_or(0) != 0 {
+        return skip(format!("AvgPool '{name}' has ceil_mode=1"));
+    }
+    let mut probe = vec![ctx.out_channels, 1];
+    probe.extend(&kernel);
+    let geometry =
+        geometry(node, &probe).map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
+    let padded = geometry
+        .pads_begin
+        .iter()
+        .chain(&geometry.pads_end)
+        .any(|&p| p > 0);
+    if padded && attr::int(node, "count_include_pad").unwrap_or(0) == 0 {
+        return skip(format!(
+            "AvgPool '{name}' has count_include_pad=0: at the borders it divides by fewer taps, \
+             which no convolution does"
+        ));
+    }
+    if ctx.in_channels != ctx.out_channels {
+        return skip(format!(
+            "AvgPool branch '{name}' needs as many input as output channels ({} → {})",
+            ctx.in_channels, ctx.out_channels
+        ));
+    }
+    let channels = ctx.out_channels;
+    let per_group = channels / ctx.group;
+    let mut shape = vec![channels, per_group];
+    shape.extend(&kernel);
+    let taps: usize = kernel.iter().product();
+    let mut weight = ndarray::ArrayD::zeros(ndarray::IxDyn(&shape));
+    for c in 0..channels {
+        weight
+            .index_axis_mut(ndarray::Axis(0), c)
+            .index_axis_mut(ndarray::Axis(0), c % per_group)
+            .fill(1.0 / taps as f64);
+    }
+    Ok(AffineConv {
+        weight,
+        bias: Array1::zeros(channels),
+        geometry: Geometry {
+            group: ctx.group,
+            ..geometry
+        },
+    })
+}
+
+/// A constant operand of a Mul/Div/Add/Sub as one value per output channel: its shape must
+/// broadcast against `[N, C, spatial…]` only along the channel axis.
+fn per_channel(
+    index: &GraphIndex,
+    node: usize,
+    name: &str,
+    channels: usize,
+    rank: usize,
+) -> Result<Vec<f64>, FoldError> {
+    let op = index.node(node);
+    let Some(t) = index.constant(name) else {
+        return skip(format!("'{name}' of '{}' is not a constant", op.name()));
+    };
+    let values = tensor::read_f64(t, &index.model.external)?;
+    let dims = values.shape();
+    let full = rank + 2;
+    let not_per_channel = || {
+        FoldError::Skip(format!(
+            "'{name}' of '{}' has shape {dims:?}: not one value per channel",
+            op.name()
+        ))
+    };
+    if dims.len() > full || (dims.len() == full && dims[0] != 1) {
+        return Err(not_per_channel());
+    }
+    let channel_axis = (dims.len() + 1).checked_sub(full);
+    for (axis, &d) in dims.iter().enumerate() {
+        if Some(axis) != channel_axis && d != 1 {
+            return Err(not_per_channel());
+        }
+    }
+    let v: Vec<f64> = values.iter().copied().collect();
+    match v.len() {
+        1 => Ok(vec![v[0]; channels]),
+        n if n == channels => Ok(v),
+        _ => Err(not_per_channel()),
+    }
 }
 
 /// A Conv node as an affine convolution, with its weight's element type.
@@ -213,29 +369,33 @@ fn geometry(node: &NodeProto, shape: &[usize]) -> Result<Geometry, String> {
     })
 }
 
-/// Applies BatchNormalization `i` (inference semantics) after `term`.
-fn apply_bn(index: &GraphIndex, i: usize, term: AffineConv) -> Result<AffineConv, FoldError> {
-    let (scale, shift) = bn_scale_shift(index, i)?;
-    let name = index.node(i).name();
-    term.scale_shift(
-        scale.as_slice().unwrap_or(&[]),
-        shift.as_slice().unwrap_or(&[]),
-    )
-    .map_err(|e| FoldError::Skip(format!("BatchNormalization '{name}': {e}")))
+/// Whether BatchNormalization node `i` was exported in training mode: `training_mode=1`
+/// (v14+), extra outputs (v9 and older), or `is_test` unset before opset 7.
+pub fn is_training_bn(index: &GraphIndex, i: usize) -> bool {
+    let node = index.node(i);
+    attr::int(node, "training_mode") == Some(1)
+        || node.output.iter().skip(1).any(|o| !o.is_empty())
+        || (index.model.default_opset().is_some_and(|v| v < 7)
+            && attr::int(node, "is_test") != Some(1))
 }
 
 /// `t = γ / sqrt(σ² + ε)` and `β − μ·t` of an inference-mode BatchNormalization.
-fn bn_scale_shift(index: &GraphIndex, i: usize) -> Result<(Array1<f64>, Array1<f64>), FoldError> {
+fn bn_scale_shift(
+    index: &GraphIndex,
+    i: usize,
+    options: FoldOptions,
+) -> Result<(Vec<f64>, Vec<f64>), FoldError> {
     let node = index.node(i);
     let name = node.name();
     let training = attr::int(node, "training_mode") == Some(1)
         || node.output.iter().skip(1).any(|o| !o.is_empty())
         || (index.model.default_opset().is_some_and(|v| v < 7)
             && attr::int(node, "is_test") != Some(1));
-    if training {
+    if training && !options.allow_training_bn {
         return skip(format!(
             "BatchNormalization '{name}' runs in training mode (the export ran the model in \
-             train mode and updated its running statistics): re-export after model.eval()"
+             train mode and updated its running statistics): re-export after model.eval(), or pass \
+             --allow-training to fold it with its running statistics"
         ));
     }
     if attr::int(node, "spatial") == Some(0) {
@@ -283,7 +443,9 @@ fn bn_scale_shift(index: &GraphIndex, i: usize) -> Result<(Array1<f64>, Array1<f
         )
         .into());
     }
-    let scale = Array1::from_iter((0..n).map(|c| gamma[c] / (var[c] + epsilon).sqrt()));
-    let shift = Array1::from_iter((0..n).map(|c| beta[c] - mean[c] * scale[c]));
+    let scale: Vec<f64> = (0..n)
+        .map(|c| gamma[c] / (var[c] + epsilon).sqrt())
+        .collect();
+    let shift: Vec<f64> = (0..n).map(|c| beta[c] - mean[c] * scale[c]).collect();
     Ok((scale, shift))
 }

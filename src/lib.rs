@@ -9,7 +9,8 @@
 //! patch ([`rewrite`]) → bytes ([`onnx::splice`], [`onnx::output`]).
 //!
 //! ```no_run
-//! let report = onnx_repvgg::fuse_file("train.onnx".as_ref(), "deploy.onnx".as_ref())?;
+//! let options = onnx_repvgg::Options::default();
+//! let report = onnx_repvgg::fuse_file("train.onnx".as_ref(), "deploy.onnx".as_ref(), options)?;
 //! println!("{} blocks fused", report.fused.len());
 //! # Ok::<(), onnx_repvgg::Error>(())
 //! ```
@@ -36,9 +37,26 @@ use graph::GraphIndex;
 use onnx::Model;
 use onnx::splice::{DataLayout, PROTOBUF_LIMIT, Spliced};
 
+/// What may be folded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Fold BatchNormalization nodes exported in training mode, using their running statistics
+    /// (inference semantics). Off by default: such exports usually come from a model that was
+    /// not put in eval mode, and the export updated its statistics.
+    pub allow_training_bn: bool,
+}
+
+impl Options {
+    fn fold(self) -> fold::FoldOptions {
+        fold::FoldOptions {
+            allow_training_bn: self.allow_training_bn,
+        }
+    }
+}
+
 /// Reads `input`, folds every block it can, and writes the result to `output` (atomically; with
 /// a sidecar `OUT.data` when the input has external data or the output would pass 2 GiB).
-pub fn fuse_file(input: &Path, output: &Path) -> Result<FuseReport> {
+pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseReport> {
     let start = Instant::now();
     let model = Model::open(input)?;
     let mut protected = vec![input.to_path_buf()];
@@ -46,7 +64,7 @@ pub fn fuse_file(input: &Path, output: &Path) -> Result<FuseReport> {
     onnx::output::check_output(output, &protected)?;
     let (sidecar_path, location) = onnx::output::sidecar_for(output)?;
     let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
-    let analysis = plan::analyse(&index).map_err(|e| e.in_file(input))?;
+    let analysis = plan::analyse(&index, options.fold()).map_err(|e| e.in_file(input))?;
     let patch = rewrite::build(&index, &analysis.plans);
     let mut layout = if model.has_external_data() {
         DataLayout::Sidecar {
@@ -99,15 +117,16 @@ pub fn fuse_file(input: &Path, output: &Path) -> Result<FuseReport> {
         nodes_after: model.nodes.len() - patch.removed_nodes.len(),
         params_before,
         params_after: params_before - params_removed + params_added,
+        training_bn_folded: plan::training_bns(&index, &analysis.plans),
         elapsed: start.elapsed(),
     })
 }
 
 /// Finds every block of `input` and tells whether (and why not) each can be folded.
-pub fn inspect_file(input: &Path) -> Result<InspectReport> {
+pub fn inspect_file(input: &Path, options: Options) -> Result<InspectReport> {
     let model = Model::open(input)?;
     let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
-    let analysis = plan::analyse(&index).map_err(|e| e.in_file(input))?;
+    let analysis = plan::analyse(&index, options.fold()).map_err(|e| e.in_file(input))?;
     Ok(InspectReport {
         blocks: analysis.blocks(),
     })

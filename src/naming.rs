@@ -8,30 +8,39 @@ use std::collections::HashSet;
 
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
-use crate::pattern::{Block, Branch};
+use crate::onnx::proto::NodeProto;
+use crate::pattern::Block;
 
 /// The block's module path, or a readable fallback.
 pub fn block_name(index: &GraphIndex, block: &Block) -> String {
-    let root = index.node(block.root);
-    if let Some(path) =
-        attr::metadata(root, "pkg.torch.onnx.name_scopes").and_then(from_name_scopes)
-    {
+    let nodes: Vec<&NodeProto> = block.nodes().into_iter().map(|n| index.node(n)).collect();
+    let scopes: Option<Vec<Vec<String>>> = nodes
+        .iter()
+        .map(|n| attr::metadata(n, "pkg.torch.onnx.name_scopes").and_then(from_name_scopes))
+        .collect();
+    if let Some(path) = scopes.and_then(|s| common_module(&s)) {
         return path;
     }
-    if let Some(path) = from_scoped_node_name(root.name()) {
+    let scoped: Option<Vec<Vec<String>>> = nodes
+        .iter()
+        .map(|n| from_scoped_node_name(n.name()))
+        .collect();
+    if let Some(path) = scoped.and_then(|s| common_module(&s)) {
         return path;
     }
     if let Some(path) = from_parameter_names(index, block) {
         return path;
     }
+    let root = index.node(block.root);
     if !root.name().is_empty() {
         return root.name().to_string();
     }
     root.output[0].clone()
 }
 
-/// `"['', 'stage2', 'stage2.1', 'add_6']"` → `stage2.1` (the scope enclosing the op itself).
-fn from_name_scopes(scopes: &str) -> Option<String> {
+/// `"['', 'stage2', 'stage2.1', 'add_6']"` → the enclosing module paths (`stage2`, `stage2.1`);
+/// the last entry is the op itself.
+fn from_name_scopes(scopes: &str) -> Option<Vec<String>> {
     let items: Vec<&str> = scopes
         .trim()
         .strip_prefix('[')?
@@ -40,34 +49,52 @@ fn from_name_scopes(scopes: &str) -> Option<String> {
         .map(|s| s.trim().trim_matches(|c| c == '\'' || c == '"'))
         .collect();
     let (_op, modules) = items.split_last()?;
-    modules
-        .iter()
-        .rev()
-        .find(|m| !m.is_empty())
-        .map(|m| m.to_string())
+    Some(
+        modules
+            .iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| m.to_string())
+            .collect(),
+    )
 }
 
-/// `/stage1/stage1.0/Add_1` → `stage1.0`: TorchScript names nodes by their module scope.
-fn from_scoped_node_name(name: &str) -> Option<String> {
+/// `/stage1/stage1.0/rbr_dense/conv/Conv` → `stage1`, `stage1.0`, `stage1.0.rbr_dense`,
+/// `stage1.0.rbr_dense.conv`: TorchScript names nodes by their module scopes, where a scope is
+/// either a full dotted path or a name relative to its parent.
+fn from_scoped_node_name(name: &str) -> Option<Vec<String>> {
     let rest = name.strip_prefix('/')?;
-    let (scope, _op) = rest.rsplit_once('/')?;
-    scope
-        .rsplit('/')
-        .next()
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+    let scope = rest.rsplit_once('/').map_or("", |(scope, _op)| scope);
+    let mut paths: Vec<String> = Vec::new();
+    for part in scope.split('/').filter(|s| !s.is_empty()) {
+        let path = match paths.last() {
+            Some(parent) if !part.starts_with(&format!("{parent}.")) => format!("{parent}.{part}"),
+            _ => part.to_string(),
+        };
+        paths.push(path);
+    }
+    Some(paths)
 }
 
-/// The dotted prefix shared by the parameter names of at least two branches.
+/// The deepest module path every node's scope list shares.
+fn common_module(scopes: &[Vec<String>]) -> Option<String> {
+    let first = scopes.first()?;
+    let depth = scopes
+        .iter()
+        .map(|s| s.iter().zip(first).take_while(|(a, b)| a == b).count())
+        .min()?;
+    depth.checked_sub(1).map(|d| first[d].clone())
+}
+
+/// The dotted prefix shared by the parameter names of the block's nodes (at least two names).
 fn from_parameter_names(index: &GraphIndex, block: &Block) -> Option<String> {
     let mut names = Vec::new();
-    for b in &block.branches {
-        let (node, slot) = match *b {
-            Branch::Conv { bn: Some(bn), .. } | Branch::Identity { bn: Some(bn) } => (bn, 1),
-            Branch::Conv { conv, bn: None } => (conv, 1),
-            Branch::Identity { bn: None } => continue,
+    for n in block.nodes() {
+        let node = index.node(n);
+        let param = match node.op_type() {
+            "Conv" | "BatchNormalization" => node.input.get(1),
+            _ => None,
         };
-        let name = index.node(node).input.get(slot)?;
+        let Some(name) = param else { continue };
         if name.contains("::") || name.contains('/') || !name.contains('.') {
             return None;
         }
@@ -132,25 +159,36 @@ mod tests {
 
     #[test]
     fn module_path_from_dynamo_scopes() {
+        let add = from_name_scopes("['', 'stage2', 'stage2.1', 'add_6']").unwrap();
+        assert_eq!(add, ["stage2", "stage2.1"]);
+        let conv =
+            from_name_scopes("['', 'stage2', 'stage2.1', 'stage2.1.rbr_dense', 'conv2d']").unwrap();
+        assert_eq!(common_module(&[add, conv]).as_deref(), Some("stage2.1"));
         assert_eq!(
-            from_name_scopes("['', 'stage2', 'stage2.1', 'add_6']").as_deref(),
-            Some("stage2.1")
+            from_name_scopes("['', 'add']").unwrap(),
+            Vec::<String>::new()
         );
-        assert_eq!(from_name_scopes("['', 'add']"), None);
         assert_eq!(from_name_scopes("not a list"), None);
     }
 
     #[test]
     fn module_path_from_torchscript_node_names() {
+        let add = from_scoped_node_name("/stage1/stage1.0/Add_1").unwrap();
+        assert_eq!(add, ["stage1", "stage1.0"]);
+        let conv = from_scoped_node_name("/stage1/stage1.0/rbr_dense/conv/Conv").unwrap();
         assert_eq!(
-            from_scoped_node_name("/stage1/stage1.0/Add_1").as_deref(),
-            Some("stage1.0")
+            conv,
+            [
+                "stage1",
+                "stage1.0",
+                "stage1.0.rbr_dense",
+                "stage1.0.rbr_dense.conv"
+            ]
         );
-        assert_eq!(
-            from_scoped_node_name("/stage0/Add").as_deref(),
-            Some("stage0")
-        );
-        assert_eq!(from_scoped_node_name("/Add"), None);
+        let bn = from_scoped_node_name("/stage1/stage1.0/bn/BatchNormalization").unwrap();
+        assert_eq!(common_module(&[bn, conv]).as_deref(), Some("stage1.0"));
+        assert_eq!(from_scoped_node_name("/Add").unwrap(), Vec::<String>::new());
+        assert_eq!(common_module(&[vec![]]), None);
         assert_eq!(from_scoped_node_name("Add_3"), None);
     }
 

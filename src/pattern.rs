@@ -1,55 +1,114 @@
-//! Finding blocks: maximal trees of `Add`/`Sum` whose leaves all read one tensor x, each leaf a
-//! Conv of x (optionally followed by BatchNormalization), a BatchNormalization of x, or x itself,
-//! `Identity` nodes looked through. Read-only: returns candidates, never touches the model.
-//! Whether a candidate's numbers can be folded is decided later, in `fold`.
+//! Finding blocks: maximal expression trees over one input x in which every node is linear in x
+//! up to a constant — sums (`Add`, `Sum`, `Sub` of branches), per-channel scales and shifts
+//! (`BatchNormalization`, `Mul`/`Div`/`Add`/`Sub` with a constant) — and whose leaves are
+//! `Conv(x)`, `AvgPool(x)` or x itself. `Identity` nodes are looked through. This covers RepVGG,
+//! QARepVGG (BN after the sum), MobileOne, ACNet, large-kernel and dilated reparam, RepViT and
+//! lone Conv→BN pairs alike. Read-only: returns candidates; whether their numbers fold exactly is
+//! decided in `fold`.
 
 use crate::graph::{GraphIndex, is_default_domain};
 
-/// One summand of a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Branch {
-    /// `Conv(x)`, optionally followed by `BatchNormalization`.
-    Conv { conv: usize, bn: Option<usize> },
-    /// `x` itself, or `BatchNormalization(x)`.
-    Identity { bn: Option<usize> },
+/// A per-output-channel operation applied to a term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelOp {
+    /// `BatchNormalization(t)`.
+    BatchNorm,
+    /// `t · c`.
+    Mul(String),
+    /// `t / c`.
+    Div(String),
+    /// `t + c`.
+    Add(String),
+    /// `t − c`.
+    Sub(String),
+    /// `c − t`.
+    SubFrom(String),
 }
 
-/// A tree of sums over branches that read one input.
+/// An affine function of the block input, as the graph computes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Term {
+    /// A value that is not expanded further; in a block it is the input x itself.
+    Raw(String),
+    /// `Conv(x)` (a leaf: its input is x).
+    Conv(usize),
+    /// `AvgPool(x)` (a leaf).
+    AvgPool(usize),
+    /// A per-channel operation of node `node` on `inner`.
+    Channel {
+        node: usize,
+        op: ChannelOp,
+        inner: Box<Term>,
+    },
+    /// The sum of `terms` (each with `true` when subtracted), computed by node `node`.
+    Sum {
+        node: usize,
+        terms: Vec<(bool, Term)>,
+    },
+}
+
+impl Term {
+    /// Calls `f` on every leaf.
+    pub fn leaves<'a>(&'a self, f: &mut impl FnMut(&'a Term)) {
+        match self {
+            Term::Channel { inner, .. } => inner.leaves(f),
+            Term::Sum { terms, .. } => terms.iter().for_each(|(_, t)| t.leaves(f)),
+            leaf => f(leaf),
+        }
+    }
+
+    /// The node computing this term, if any.
+    pub fn node(&self) -> Option<usize> {
+        match *self {
+            Term::Raw(_) => None,
+            Term::Conv(n) | Term::AvgPool(n) => Some(n),
+            Term::Channel { node, .. } | Term::Sum { node, .. } => Some(node),
+        }
+    }
+
+    /// Every node of the tree.
+    pub fn nodes(&self, out: &mut Vec<usize>) {
+        out.extend(self.node());
+        match self {
+            Term::Channel { inner, .. } => inner.nodes(out),
+            Term::Sum { terms, .. } => terms.iter().for_each(|(_, t)| t.nodes(out)),
+            _ => {}
+        }
+    }
+}
+
+/// A tree whose leaves all read one input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Block {
-    /// The outermost sum node; the fused Conv takes its place and its output name.
+    /// The tree's root node; the fused Conv takes its place and its output name.
     pub root: usize,
-    /// The value every branch reads.
+    /// The value every leaf reads.
     pub input: String,
-    /// The summands, in the order they appear in the tree.
-    pub branches: Vec<Branch>,
-    /// The sum nodes of the tree, root first.
-    pub sums: Vec<usize>,
+    pub term: Term,
 }
 
 impl Block {
-    /// The value the block produces (the root sum's output).
+    /// The value the block produces (the root's output).
     pub fn output<'a>(&self, index: &GraphIndex<'a>) -> &'a str {
         &index.node(self.root).output[0]
     }
 
-    /// Every node the fold replaces: sums, convs and batch norms of the branches.
+    /// Every node the fold replaces.
     pub fn nodes(&self) -> Vec<usize> {
-        let mut nodes = self.sums.clone();
-        for b in &self.branches {
-            match *b {
-                Branch::Conv { conv, bn } => nodes.extend([Some(conv), bn].into_iter().flatten()),
-                Branch::Identity { bn } => nodes.extend(bn),
-            }
-        }
+        let mut nodes = Vec::new();
+        self.term.nodes(&mut nodes);
         nodes
     }
 
-    /// Whether one of the branches is the identity (raw or through a BatchNormalization).
-    pub fn has_identity(&self) -> bool {
-        self.branches
-            .iter()
-            .any(|b| matches!(b, Branch::Identity { .. }))
+    /// Conv leaves, in tree order.
+    pub fn convs(&self) -> Vec<usize> {
+        let mut convs = Vec::new();
+        self.term.leaves(&mut |t| {
+            if let Term::Conv(n) = t {
+                convs.push(*n)
+            }
+        });
+        convs
     }
 }
 
@@ -64,7 +123,7 @@ pub struct Candidate {
 pub fn find_blocks(index: &GraphIndex) -> Vec<Candidate> {
     let mut found = Vec::new();
     for i in 0..index.model.nodes.len() {
-        if is_sum(index, i) && parent_sum(index, i).is_none() {
+        if expand(index, i).is_some() && parent(index, i).is_none() {
             match_tree(index, i, &mut found);
         }
     }
@@ -72,179 +131,243 @@ pub fn find_blocks(index: &GraphIndex) -> Vec<Candidate> {
     found
 }
 
-fn is_sum(index: &GraphIndex, i: usize) -> bool {
-    let node = index.node(i);
-    is_default_domain(node) && matches!(node.op_type(), "Add" | "Sum") && node.output.len() == 1
+/// How a node decomposes into children, if it is linear in them up to a constant.
+enum Expansion<'a> {
+    Channel(ChannelOp, &'a str),
+    Sum(Vec<(bool, &'a str)>),
 }
 
-fn is_op(index: &GraphIndex, i: usize, op: &str) -> bool {
+fn op_is(index: &GraphIndex, i: usize, op: &str) -> bool {
     let node = index.node(i);
     is_default_domain(node) && node.op_type() == op
 }
 
-/// The sum node that alone consumes sum node `i`'s output (through Identity nodes), if any.
-fn parent_sum(index: &GraphIndex, i: usize) -> Option<usize> {
+fn expand<'a>(index: &GraphIndex<'a>, i: usize) -> Option<Expansion<'a>> {
+    let node = index.node(i);
+    if !is_default_domain(node) || node.output.is_empty() {
+        return None;
+    }
+    let inputs: Vec<&'a str> = node.input.iter().map(String::as_str).collect();
+    let constant = |v: &str| index.constant(index.through_identity(v)).is_some();
+    match (node.op_type(), inputs.as_slice()) {
+        ("BatchNormalization", [x, ..]) if !x.is_empty() => {
+            Some(Expansion::Channel(ChannelOp::BatchNorm, x))
+        }
+        ("Sum", terms) if !terms.is_empty() && !terms.iter().any(|t| constant(t)) => {
+            Some(Expansion::Sum(terms.iter().map(|t| (false, *t)).collect()))
+        }
+        (op @ ("Add" | "Sub" | "Mul" | "Div"), [a, b]) => {
+            let (ca, cb) = (constant(a), constant(b));
+            let c = |v: &str| index.through_identity(v).to_string();
+            match (op, ca, cb) {
+                (_, true, true) => None,
+                ("Add", false, false) => Some(Expansion::Sum(vec![(false, *a), (false, *b)])),
+                ("Sub", false, false) => Some(Expansion::Sum(vec![(false, *a), (true, *b)])),
+                ("Add", false, true) => Some(Expansion::Channel(ChannelOp::Add(c(b)), a)),
+                ("Add", true, false) => Some(Expansion::Channel(ChannelOp::Add(c(a)), b)),
+                ("Sub", false, true) => Some(Expansion::Channel(ChannelOp::Sub(c(b)), a)),
+                ("Sub", true, false) => Some(Expansion::Channel(ChannelOp::SubFrom(c(a)), b)),
+                ("Mul", false, true) => Some(Expansion::Channel(ChannelOp::Mul(c(b)), a)),
+                ("Mul", true, false) => Some(Expansion::Channel(ChannelOp::Mul(c(a)), b)),
+                ("Div", false, true) => Some(Expansion::Channel(ChannelOp::Div(c(b)), a)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The node that alone consumes node `i`'s output (through Identity nodes) and expands it.
+fn parent(index: &GraphIndex, i: usize) -> Option<usize> {
     let mut value = index.node(i).output.first()?.as_str();
     loop {
         if !index.is_internal(value) {
             return None;
         }
         let user = index.consumers(value)[0];
-        if is_sum(index, user) {
-            return Some(user);
+        if op_is(index, user, "Identity") {
+            value = index.node(user).output.first()?.as_str();
+            continue;
         }
-        if !is_op(index, user, "Identity") {
-            return None;
-        }
-        value = index.node(user).output.first()?.as_str();
+        let reads = |v: &str| index.through_identity(v) == index.through_identity(value);
+        let expands = match expand(index, user)? {
+            Expansion::Channel(_, child) => reads(child),
+            Expansion::Sum(children) => children.iter().any(|(_, c)| reads(c)),
+        };
+        return expands.then_some(user);
     }
 }
 
-/// Matches the tree rooted at sum node `root`; where it is no block, tries its sub-trees.
+/// The term computed by node `i`.
+fn parse(index: &GraphIndex, i: usize) -> Term {
+    match expand(index, i) {
+        Some(Expansion::Channel(op, child)) => Term::Channel {
+            node: i,
+            op,
+            inner: Box::new(child_term(index, child)),
+        },
+        Some(Expansion::Sum(children)) => Term::Sum {
+            node: i,
+            terms: children
+                .into_iter()
+                .map(|(neg, c)| (neg, child_term(index, c)))
+                .collect(),
+        },
+        None if op_is(index, i, "Conv") => Term::Conv(i),
+        None if op_is(index, i, "AvgPool") => Term::AvgPool(i),
+        None => Term::Raw(index.node(i).output[0].clone()),
+    }
+}
+
+/// The term for input `value` of a tree node: expanded only along values used by the tree alone.
+fn child_term(index: &GraphIndex, value: &str) -> Term {
+    let (source, shared) = index.through_identity_shared(value);
+    match index.producer(source) {
+        Some(p) if shared.is_none() => parse(index, p),
+        _ => Term::Raw(source.to_string()),
+    }
+}
+
+/// The input a leaf reads.
+fn leaf_input<'a>(index: &GraphIndex<'a>, leaf: &'a Term) -> Option<&'a str> {
+    match leaf {
+        Term::Raw(v) => Some(v),
+        Term::Conv(n) | Term::AvgPool(n) => index
+            .node(*n)
+            .input
+            .first()
+            .map(|x| index.through_identity(x)),
+        _ => None,
+    }
+}
+
+/// Matches the tree rooted at node `root`; where it is no block, tries its sub-trees.
 fn match_tree(index: &GraphIndex, root: usize, found: &mut Vec<Candidate>) {
-    let mut sums = Vec::new();
-    let mut leaves = Vec::new();
-    collect(index, root, &mut sums, &mut leaves);
-    let before = found.len();
-    match assign(index, root, &sums, &leaves) {
-        Assignment::Block(c) => found.push(c),
-        Assignment::None { near_miss } => {
-            for &child in &sums[1..] {
-                if parent_sum(index, child) == Some(root) {
-                    match_tree(index, child, found);
-                }
-            }
-            if found.len() == before {
-                found.extend(near_miss);
-            }
+    let term = parse(index, root);
+    let mut reads: Vec<&str> = Vec::new();
+    let mut convs = 0;
+    term.leaves(&mut |leaf| {
+        if matches!(leaf, Term::Conv(_) | Term::AvgPool(_)) {
+            convs += matches!(leaf, Term::Conv(_)) as usize;
+            reads.extend(leaf_input(index, leaf));
         }
-    }
-}
-
-/// Gathers the sum nodes of the tree and its leaf values (as the sums read them).
-fn collect<'a>(index: &GraphIndex<'a>, i: usize, sums: &mut Vec<usize>, leaves: &mut Vec<&'a str>) {
-    sums.push(i);
-    for input in index.node(i).input.iter().filter(|v| !v.is_empty()) {
-        let (source, shared) = index.through_identity_shared(input);
-        match index.producer(source) {
-            Some(p) if shared.is_none() && is_sum(index, p) && !sums.contains(&p) => {
-                collect(index, p, sums, leaves)
-            }
-            _ => leaves.push(input),
-        }
-    }
-}
-
-/// One way of reading a leaf as a branch of input `x`.
-struct Reading<'a> {
-    x: &'a str,
-    branch: Branch,
-    /// A value on the branch that something outside the block also uses.
-    shared: Option<&'a str>,
-}
-
-/// Every way `leaf` can be read: as x itself, as BatchNormalization(x), as [BN](Conv(x)).
-fn readings<'a>(index: &GraphIndex<'a>, leaf: &'a str) -> Vec<Reading<'a>> {
-    let (source, shared) = index.through_identity_shared(leaf);
-    let mut found = vec![Reading {
-        x: source,
-        branch: Branch::Identity { bn: None },
-        shared: None,
-    }];
-    let Some(p) = index.producer(source) else {
-        return found;
+    });
+    let Some(&x) = reads.first() else {
+        return;
     };
-    let node = index.node(p);
-    if is_op(index, p, "Conv") && !node.input.is_empty() {
-        found.push(Reading {
-            x: index.through_identity(&node.input[0]),
-            branch: Branch::Conv { conv: p, bn: None },
-            shared,
-        });
-    }
-    if is_op(index, p, "BatchNormalization") && !node.input.is_empty() {
-        let (bn_in, bn_in_shared) = index.through_identity_shared(&node.input[0]);
-        found.push(Reading {
-            x: bn_in,
-            branch: Branch::Identity { bn: Some(p) },
-            shared,
-        });
-        if let Some(c) = index.producer(bn_in).filter(|&c| is_op(index, c, "Conv"))
-            && let Some(x) = index.node(c).input.first()
-        {
-            found.push(Reading {
-                x: index.through_identity(x),
-                branch: Branch::Conv {
-                    conv: c,
-                    bn: Some(p),
-                },
-                shared: shared.or(bn_in_shared),
+    let mut stray = None;
+    term.leaves(&mut |leaf| {
+        if stray.is_none() && leaf_input(index, leaf) != Some(x) {
+            stray = Some(leaf);
+        }
+    });
+    let Some(stray) = stray else {
+        if convs > 0 {
+            let block = Block {
+                root,
+                input: x.to_string(),
+                term,
+            };
+            found.push(Candidate {
+                block,
+                blocked: None,
             });
         }
-    }
-    found
-}
-
-enum Assignment {
-    Block(Candidate),
-    /// Not a block; `near_miss` is a blocked candidate when the tree looks like one.
-    None {
-        near_miss: Option<Candidate>,
-    },
-}
-
-/// Picks the input x that every leaf can read, preferring conv readings.
-fn assign(index: &GraphIndex, root: usize, sums: &[usize], leaves: &[&str]) -> Assignment {
-    let options: Vec<Vec<Reading>> = leaves.iter().map(|l| readings(index, l)).collect();
-    let mut xs: Vec<&str> = Vec::new();
-    for r in options.iter().flatten() {
-        if matches!(r.branch, Branch::Conv { .. }) && !xs.contains(&r.x) {
-            xs.push(r.x);
+        return;
+    };
+    let mut looks = 0;
+    term.leaves(&mut |leaf| {
+        looks += match leaf {
+            Term::Conv(_) => 1,
+            Term::Raw(v) => index
+                .producer(v)
+                .is_some_and(|p| op_is(index, p, "Conv") || op_is(index, p, "BatchNormalization"))
+                as usize,
+            _ => 0,
+        }
+    });
+    let before = found.len();
+    for child in children(&term) {
+        if let Some(n) = child
+            .node()
+            .filter(|_| !matches!(child, Term::Conv(_) | Term::AvgPool(_)))
+        {
+            match_tree(index, n, found);
         }
     }
-    let mut near_miss: Option<(usize, Candidate)> = None;
-    for x in xs {
-        let mut branches = Vec::new();
-        let mut shared = None;
-        let mut stray = None;
-        for (leaf, opts) in leaves.iter().zip(&options) {
-            let best = opts
-                .iter()
-                .filter(|r| r.x == x)
-                .max_by_key(|r| match r.branch {
-                    Branch::Conv { .. } => 2,
-                    Branch::Identity { bn: Some(_) } => 1,
-                    Branch::Identity { bn: None } => 0,
-                });
-            match best {
-                Some(r) => {
-                    shared = shared.or(r.shared);
-                    branches.push(r.branch);
-                }
-                None => stray = stray.or(Some(*leaf)),
-            }
-        }
+    if found.len() == before && looks >= 2 {
+        let blocked = Some(stray_reason(index, stray, x));
         let block = Block {
             root,
             input: x.to_string(),
-            branches,
-            sums: sums.to_vec(),
+            term,
         };
-        let Some(stray) = stray else {
-            let blocked = shared.map(|v| format!("'{v}' inside the block is also used elsewhere"));
-            return Assignment::Block(Candidate { block, blocked });
-        };
-        let convs = block
-            .branches
-            .iter()
-            .filter(|b| matches!(b, Branch::Conv { .. }))
-            .count();
-        if convs >= 2 && near_miss.as_ref().is_none_or(|(n, _)| convs > *n) {
-            let blocked = Some(format!("summand '{stray}' does not read '{x}'"));
-            near_miss = Some((convs, Candidate { block, blocked }));
+        found.push(Candidate { block, blocked });
+    }
+}
+
+fn children(term: &Term) -> Vec<&Term> {
+    match term {
+        Term::Channel { inner, .. } => vec![inner],
+        Term::Sum { terms, .. } => terms.iter().map(|(_, t)| t).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Why a leaf does not belong to the block reading `x`.
+fn stray_reason(index: &GraphIndex, leaf: &Term, x: &str) -> String {
+    match leaf {
+        Term::Raw(v) => match index.producer(v).map(|p| index.node(p).op_type()) {
+            Some(op @ ("Conv" | "BatchNormalization" | "Add" | "Mul" | "AvgPool"))
+                if index.consumers(v).len() > 1 || index.is_output(v) =>
+            {
+                format!("'{v}' ({op}) inside the block is also used elsewhere")
+            }
+            _ => format!("summand '{v}' does not read '{x}'"),
+        },
+        Term::Conv(n) | Term::AvgPool(n) => {
+            let node = index.node(*n);
+            let input = leaf_input(index, leaf).unwrap_or("");
+            if descends_from(index, input, x) {
+                format!(
+                    "branch '{}' ({}) applies to a function of '{x}', not to '{x}' itself \
+                     (sequential branches, as in Diverse Branch Blocks, are not folded)",
+                    node.name(),
+                    node.op_type()
+                )
+            } else {
+                format!(
+                    "branch '{}' ({}) reads '{input}', not '{x}'",
+                    node.name(),
+                    node.op_type()
+                )
+            }
         }
+        _ => String::new(),
     }
-    Assignment::None {
-        near_miss: near_miss.map(|(_, c)| c),
+}
+
+/// Whether `value` is computed from `x` within a few single-path steps.
+fn descends_from(index: &GraphIndex, value: &str, x: &str) -> bool {
+    let mut frontier = vec![value.to_string()];
+    for _ in 0..8 {
+        let mut next = Vec::new();
+        for v in &frontier {
+            if v == x {
+                return true;
+            }
+            if let Some(p) = index.producer(v) {
+                next.extend(
+                    index
+                        .node(p)
+                        .input
+                        .iter()
+                        .filter(|i| !i.is_empty())
+                        .cloned(),
+                );
+            }
+        }
+        frontier = next;
     }
+    frontier.iter().any(|v| v == x)
 }

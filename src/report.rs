@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
-use crate::pattern::{Block, Branch};
+use crate::pattern::{Block, Term};
 
 /// A block as a reader of the training structure sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BlockInfo {
     /// Module path (`stage1.0`) or the sum node's name.
     pub name: String,
@@ -17,22 +17,30 @@ pub struct BlockInfo {
     /// Strides of the branches' convolutions.
     pub stride: Vec<usize>,
     pub groups: usize,
-    /// One entry per summand: its kernel (`3x3`, `1x1`) or `identity`.
+    /// One entry per summand: its kernel (`3x3`, `1x1`, `7x7 d2`), `avgpool 3x3` or
+    /// `identity`; a subtracted summand starts with `−`.
     pub branches: Vec<String>,
+    /// Per-channel operations applied after the sum, in order (`BatchNormalization`, `Mul`, …).
+    pub post: Vec<String>,
     /// Whether the block is (or would be) folded.
     pub fusable: bool,
     /// Why not, when it is not.
     pub reason: Option<String>,
+    /// For float16/bfloat16 weights: the largest change rounding the f64 fold to that type made,
+    /// relative to the largest weight.
+    pub rounding_error: Option<f64>,
 }
 
 impl BlockInfo {
     /// Whether one summand is the identity.
     pub fn has_identity(&self) -> bool {
-        self.branches.iter().any(|b| b == "identity")
+        self.branches
+            .iter()
+            .any(|b| b.trim_start_matches('−') == "identity")
     }
 }
 
-/// Describes `block` from the graph alone (weight dims and Conv attributes; no tensor data).
+/// Describes `block` from the graph alone (weight dims and attributes; no tensor data).
 pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
     let mut info = BlockInfo {
         name,
@@ -41,42 +49,106 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
         stride: Vec::new(),
         groups: 1,
         branches: Vec::new(),
+        post: Vec::new(),
         fusable: true,
         reason: None,
+        rounding_error: None,
     };
-    for b in &block.branches {
-        let Branch::Conv { conv, .. } = *b else {
-            info.branches.push("identity".into());
-            continue;
-        };
+    if let Some(&conv) = block.convs().first() {
         let node = index.node(conv);
-        let dims: Vec<usize> = node
-            .input
-            .get(1)
-            .and_then(|w| index.declared_tensor(w))
-            .map(|w| w.dims.iter().map(|&d| d.max(0) as usize).collect())
-            .unwrap_or_default();
-        let kernel = dims.get(2..).unwrap_or(&[]);
-        info.branches.push(if kernel.is_empty() {
-            "conv".into()
-        } else {
-            kernel
-                .iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join("x")
-        });
-        if info.stride.is_empty() && dims.len() > 2 {
+        let dims = weight_dims(index, conv);
+        if dims.len() > 2 {
             let groups = attr::int(node, "group").unwrap_or(1).max(1) as usize;
             info.groups = groups;
             info.out_channels = dims[0];
             info.in_channels = dims[1] * groups;
             info.stride = attr::ints(node, "strides")
                 .map(|s| s.iter().map(|&v| v.max(0) as usize).collect())
-                .unwrap_or_else(|| vec![1; kernel.len()]);
+                .unwrap_or_else(|| vec![1; dims.len() - 2]);
         }
     }
+    let mut top = &block.term;
+    while let Term::Channel { node, inner, .. } = top {
+        info.post.insert(0, index.node(*node).op_type().to_string());
+        top = inner;
+    }
+    match top {
+        Term::Sum { .. } => summands(index, top, false, &mut info.branches),
+        leaf => info.branches.push(branch_label(index, leaf)),
+    }
     info
+}
+
+fn weight_dims(index: &GraphIndex, conv: usize) -> Vec<usize> {
+    index
+        .node(conv)
+        .input
+        .get(1)
+        .and_then(|w| index.declared_tensor(w))
+        .map(|w| w.dims.iter().map(|&d| d.max(0) as usize).collect())
+        .unwrap_or_default()
+}
+
+/// Flattens nested sums into one list of summand labels.
+fn summands(index: &GraphIndex, term: &Term, negated: bool, out: &mut Vec<String>) {
+    match term {
+        Term::Sum { terms, .. } => {
+            for (neg, t) in terms {
+                summands(index, t, negated ^ neg, out);
+            }
+        }
+        other => {
+            let label = branch_label(index, other);
+            out.push(if negated {
+                format!("−{label}")
+            } else {
+                label
+            });
+        }
+    }
+}
+
+/// `3x3`, `1x1`, `7x7 d2`, `avgpool 3x3`, `identity`; a Conv with per-channel ops after it is
+/// labelled by its kernel.
+fn branch_label(index: &GraphIndex, term: &Term) -> String {
+    match term {
+        Term::Raw(_) => "identity".into(),
+        Term::Conv(n) => {
+            let dims = weight_dims(index, *n);
+            let kernel = dims.get(2..).unwrap_or(&[]);
+            let mut label = if kernel.is_empty() {
+                "conv".to_string()
+            } else {
+                kernel
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join("x")
+            };
+            if let Some(d) =
+                attr::ints(index.node(*n), "dilations").filter(|d| d.iter().any(|&v| v > 1))
+            {
+                label += &format!(
+                    " d{}",
+                    d.iter().map(i64::to_string).collect::<Vec<_>>().join("x")
+                );
+            }
+            label
+        }
+        Term::AvgPool(n) => {
+            let k = attr::ints(index.node(*n), "kernel_shape").unwrap_or(&[]);
+            format!(
+                "avgpool {}",
+                k.iter().map(i64::to_string).collect::<Vec<_>>().join("x")
+            )
+        }
+        Term::Channel { inner, .. } => branch_label(index, inner),
+        Term::Sum { .. } => {
+            let mut inner = Vec::new();
+            summands(index, term, false, &mut inner);
+            format!("({})", inner.join(" + "))
+        }
+    }
 }
 
 /// The outcome of a fusion.
@@ -91,6 +163,8 @@ pub struct FuseReport {
     /// Elements of all initializers.
     pub params_before: u64,
     pub params_after: u64,
+    /// BatchNormalization nodes in training mode folded with their running statistics.
+    pub training_bn_folded: usize,
     pub elapsed: Duration,
 }
 

@@ -254,13 +254,18 @@ fn constant_node_weights_fold_and_their_nodes_go() {
 fn a_statistic_shared_with_a_bn_outside_the_block_is_kept_intact() {
     let mut b = Builder::new(&SHAPE);
     let y = repvgg(&mut b, "x", 4, "dense first");
+    let r = b.node("Relu", &[&y], vec![]);
     // Another BN outside any block reads the same (deduplicated) variance tensor as the first BN.
     let shared_var = b.graph.node[1].input[4].clone();
-    let other = b.bn(&y, 4, 1e-5);
+    let other = b.bn(&r, 4, 1e-5);
     let last = b.graph.node.len() - 1;
     b.graph.node[last].input[4] = shared_var;
     b.output(&other, &SHAPE);
-    fuse_and_compare(&b, 1, &[("Conv", 1), ("BatchNormalization", 1)]);
+    fuse_and_compare(
+        &b,
+        1,
+        &[("Conv", 1), ("Relu", 1), ("BatchNormalization", 1)],
+    );
 }
 
 #[test]

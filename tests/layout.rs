@@ -14,7 +14,7 @@ fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
     let input = testdata().join("models/grouped/ts_nofold_op17.onnx");
     let model = Model::open(&input).unwrap();
     let index = GraphIndex::new(&model).unwrap();
-    let analysis = plan::analyse(&index).unwrap();
+    let analysis = plan::analyse(&index, Default::default()).unwrap();
     let patch = rewrite::build(&index, &analysis.plans);
     let layout = DataLayout::Sidecar {
         location: "big.onnx.data".into(),
