@@ -214,7 +214,7 @@ fn parse(index: &GraphIndex, i: usize) -> Term {
                 .collect(),
         },
         None if op_is(index, i, "Conv") => Term::Conv(i),
-        None if op_is(index, i, "AvgPool") => Term::AvgPool(i),
+        None if op_is(index, i, "AveragePool") => Term::AvgPool(i),
         None => Term::Raw(index.node(i).output[0].clone()),
     }
 }
@@ -318,7 +318,7 @@ fn children(term: &Term) -> Vec<&Term> {
 fn stray_reason(index: &GraphIndex, leaf: &Term, x: &str) -> String {
     match leaf {
         Term::Raw(v) => match index.producer(v).map(|p| index.node(p).op_type()) {
-            Some(op @ ("Conv" | "BatchNormalization" | "Add" | "Mul" | "AvgPool"))
+            Some(op @ ("Conv" | "BatchNormalization" | "Add" | "Mul" | "AveragePool"))
                 if index.consumers(v).len() > 1 || index.is_output(v) =>
             {
                 format!("'{v}' ({op}) inside the block is also used elsewhere")

@@ -365,3 +365,155 @@ fn value_info_of_removed_values_goes_and_the_rest_stays() {
         .collect();
     assert_eq!(kept, vec![y]);
 }
+
+#[test]
+fn qarepvgg_post_sum_batch_norm_folds_in() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let d = b.bn(&c3, 4, 1e-5);
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let s = b.node("Add", &[&d, &c1], vec![]);
+    let s = b.node("Add", &[&s, "x"], vec![]);
+    let y = b.bn(&s, 4, 1e-5);
+    let r = b.node("Relu", &[&y], vec![]);
+    b.output(&r, &SHAPE);
+    let out = fuse_and_compare(&b, 1, &[("Conv", 1), ("Relu", 1)]);
+    assert!(
+        out.contains("3x3 + 1x1 + identity → BatchNormalization"),
+        "{out}"
+    );
+}
+
+#[test]
+fn sub_and_per_channel_mul_add_div_fold() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let scale = b.constant(&[1, 4, 1, 1], vec![0.5, -1.0, 2.0, 1.5]);
+    let m = b.node("Mul", &[&scale, &c3], vec![]);
+    let shift = b.constant(&[4, 1, 1], vec![0.1, 0.2, -0.3, 0.4]);
+    let a = b.node("Add", &[&m, &shift], vec![]);
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let two = b.constant(&[], vec![2.0]);
+    let d = b.node("Div", &[&c1, &two], vec![]);
+    let s = b.node("Sub", &[&a, &d], vec![]);
+    let one = b.constant(&[1], vec![1.0]);
+    let y = b.node("Sub", &[&one, &s], vec![]);
+    b.output(&y, &SHAPE);
+    let out = fuse_and_compare(&b, 1, &[("Conv", 1)]);
+    assert!(out.contains("3x3 + −1x1 → Sub"), "{out}");
+}
+
+#[test]
+fn a_constant_that_is_not_per_channel_is_refused() {
+    let mut b = Builder::new(&SHAPE);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let mask = b.constant(&[1, 1, 6, 6], vec![0.5; 36]);
+    let m = b.node("Mul", &[&c3, &mask], vec![]);
+    b.output(&m, &SHAPE);
+    let out = fuse_and_compare(&b, 0, &[("Conv", 1), ("Mul", 1)]);
+    assert!(out.contains("not one value per channel"), "{out}");
+}
+
+#[test]
+fn standalone_conv_batch_norm_and_conv_bias_add_fold() {
+    let mut b = Builder::new(&SHAPE);
+    let c = b.conv("x", ConvSpec::k3(4, 4));
+    let n = b.bn(&c, 4, 1e-5);
+    let r = b.node("Relu", &[&n], vec![]);
+    let c2 = b.conv(&r, ConvSpec::k1(4, 4));
+    let bias = b.constant(&[1, 4, 1, 1], vec![0.1, -0.2, 0.3, 0.0]);
+    let y = b.node("Add", &[&c2, &bias], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 2, &[("Conv", 2), ("Relu", 1)]);
+}
+
+#[test]
+fn mobileone_style_add_of_a_zero_constant_and_many_branches() {
+    let mut b = Builder::new(&SHAPE);
+    let scale = b.conv("x", ConvSpec::k1(4, 4));
+    let scale = b.bn(&scale, 4, 1e-5);
+    let skip = b.bn("x", 4, 1e-5);
+    let zero = b.constant(&[], vec![0.0]);
+    let mut out = b.node("Add", &[&scale, &zero], vec![]);
+    out = b.node("Add", &[&out, &skip], vec![]);
+    for _ in 0..4 {
+        let c = b.conv(
+            "x",
+            ConvSpec {
+                group: 4,
+                ..ConvSpec::k3(4, 4)
+            },
+        );
+        let c = b.bn(&c, 4, 1e-5);
+        out = b.node("Add", &[&out, &c], vec![]);
+    }
+    b.output(&out, &SHAPE);
+    fuse_and_compare(&b, 0, &[("Conv", 5), ("Add", 6), ("BatchNormalization", 6)]);
+}
+
+#[test]
+fn avg_pool_branch_folds_with_count_include_pad_and_is_refused_without() {
+    for (count_include_pad, fused) in [(1, 1), (0, 0)] {
+        let mut b = Builder::new(&SHAPE);
+        let c3 = b.conv("x", ConvSpec::k3(4, 4));
+        let p = b.avg_pool("x", 3, 1, count_include_pad);
+        let y = b.node("Add", &[&c3, &p], vec![]);
+        b.output(&y, &SHAPE);
+        let ops: &[(&str, usize)] = if fused == 1 {
+            &[("Conv", 1)]
+        } else {
+            &[("Conv", 1), ("AveragePool", 1), ("Add", 1)]
+        };
+        let out = fuse_and_compare(&b, fused, ops);
+        if fused == 0 {
+            assert!(out.contains("count_include_pad=0"), "{out}");
+        }
+    }
+}
+
+#[test]
+fn acnet_asymmetric_kernels_fold() {
+    let mut b = Builder::new(&SHAPE);
+    let c33 = b.conv_pads("x", 4, 4, [3, 3], [1, 1, 1, 1]);
+    let c31 = b.conv_pads("x", 4, 4, [3, 1], [1, 0, 1, 0]);
+    let c13 = b.conv_pads("x", 4, 4, [1, 3], [0, 1, 0, 1]);
+    let s = b.node("Add", &[&c33, &c31], vec![]);
+    let y = b.node("Add", &[&s, &c13], vec![]);
+    b.output(&y, &SHAPE);
+    let out = fuse_and_compare(&b, 1, &[("Conv", 1)]);
+    assert!(out.contains("3x3 + 3x1 + 1x3"), "{out}");
+}
+
+#[test]
+fn large_kernel_and_dilated_depthwise_branches_fold() {
+    let shape = [1, 4, 12, 12];
+    let mut b = Builder::new(&shape);
+    let big = b.conv_nd("x", 4, 4, &[7, 7], 3, 1, 4);
+    let mut sum = b.bn(&big, 4, 1e-5);
+    for (k, d) in [(5, 1), (3, 2), (3, 3)] {
+        let pad = d * (k as i64 - 1) / 2;
+        let c = b.conv_nd("x", 4, 4, &[k, k], pad, d, 4);
+        let c = b.bn(&c, 4, 1e-5);
+        sum = b.node("Add", &[&sum, &c], vec![]);
+    }
+    b.output(&sum, &shape);
+    let out = fuse_and_compare(&b, 1, &[("Conv", 1)]);
+    assert!(out.contains("7x7 + 5x5 + 3x3 d2x2 + 3x3 d3x3"), "{out}");
+}
+
+#[test]
+fn one_and_three_dimensional_blocks_fold() {
+    for shape in [&[1i64, 4, 9][..], &[1, 4, 5, 5, 5][..]] {
+        let rank = shape.len() - 2;
+        let mut b = Builder::new(shape);
+        let c3 = b.conv_nd("x", 4, 4, &vec![3; rank], 1, 1, 1);
+        let c3 = b.bn(&c3, 4, 1e-5);
+        let c1 = b.conv_nd("x", 4, 4, &vec![1; rank], 0, 1, 1);
+        let c1 = b.bn(&c1, 4, 1e-5);
+        let id = b.bn("x", 4, 1e-5);
+        let s = b.node("Add", &[&c3, &c1], vec![]);
+        let y = b.node("Add", &[&s, &id], vec![]);
+        b.output(&y, shape);
+        fuse_and_compare(&b, 1, &[("Conv", 1)]);
+    }
+}

@@ -14,7 +14,7 @@ pub struct Builder {
     seed: u64,
 }
 
-fn int(name: &str, v: i64) -> AttributeProto {
+pub fn int(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
         r#type: Some(2),
@@ -209,6 +209,71 @@ impl Builder {
             "BatchNormalization",
             &[x, &scale, &bias, &mean, &var],
             vec![float("epsilon", epsilon)],
+        )
+    }
+
+    /// A constant initializer with the given values.
+    pub fn constant(&mut self, dims: &[usize], values: Vec<f32>) -> String {
+        let name = format!("c{}", self.graph.initializer.len());
+        self.graph.initializer.push(TensorProto {
+            name: Some(name.clone()),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(1),
+            float_data: values,
+            ..Default::default()
+        });
+        name
+    }
+
+    /// A Conv of any rank: weight `[out, inp/group, k…]`, symmetric pads, given dilation.
+    pub fn conv_nd(
+        &mut self,
+        x: &str,
+        out: usize,
+        inp: usize,
+        k: &[usize],
+        pad: i64,
+        dilation: i64,
+        group: usize,
+    ) -> String {
+        let mut dims = vec![out, inp / group];
+        dims.extend(k);
+        let w = self.init(&dims, -0.5, 0.5);
+        let rank = k.len();
+        self.node(
+            "Conv",
+            &[x, &w],
+            vec![
+                ints("pads", &vec![pad; 2 * rank]),
+                ints("dilations", &vec![dilation; rank]),
+                int("group", group as i64),
+            ],
+        )
+    }
+
+    /// A Conv with explicit per-axis pads `[begin…, end…]` and a bias.
+    pub fn conv_pads(
+        &mut self,
+        x: &str,
+        out: usize,
+        inp: usize,
+        k: [usize; 2],
+        pads: [i64; 4],
+    ) -> String {
+        let w = self.init(&[out, inp, k[0], k[1]], -0.5, 0.5);
+        let b = self.init(&[out], -0.5, 0.5);
+        self.node("Conv", &[x, &w, &b], vec![ints("pads", &pads)])
+    }
+
+    pub fn avg_pool(&mut self, x: &str, k: i64, pad: i64, count_include_pad: i64) -> String {
+        self.node(
+            "AveragePool",
+            &[x],
+            vec![
+                ints("kernel_shape", &[k, k]),
+                ints("pads", &[pad; 4]),
+                int("count_include_pad", count_include_pad),
+            ],
         )
     }
 
