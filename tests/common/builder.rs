@@ -226,6 +226,7 @@ impl Builder {
     }
 
     /// A Conv of any rank: weight `[out, inp/group, k…]`, symmetric pads, given dilation.
+    #[allow(clippy::too_many_arguments)]
     pub fn conv_nd(
         &mut self,
         x: &str,
