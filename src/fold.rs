@@ -165,8 +165,15 @@ fn avg_pool_term(index: &GraphIndex, n: usize, ctx: &Context) -> Result<AffineCo
     }
     let mut probe = vec![ctx.out_channels, 1];
     probe.extend(&kernel);
-    let geometry =
-        geometry(node, &probe).map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
+    let geometry = geometry(
+        node,
+        &probe,
+        node.input
+            .first()
+            .and_then(|x| index.static_shape(x))
+            .map(|s| s[2.min(s.len())..].to_vec()),
+    )
+    .map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
     let padded = geometry
         .pads_begin
         .iter()
@@ -219,7 +226,7 @@ fn per_channel(
     let Some(t) = index.constant(name) else {
         return skip(format!("'{name}' of '{}' is not a constant", op.name()));
     };
-    let values = tensor::read_f64(t, &index.model.external)?;
+    let values = tensor::read_f64(&t, &index.model.external)?;
     let dims = values.shape();
     let full = rank + 2;
     let not_per_channel = || {
@@ -257,13 +264,13 @@ fn conv_term(index: &GraphIndex, i: usize) -> Result<(AffineConv, FloatType), Fo
             "Conv '{name}': weight '{w_name}' is not a constant"
         ));
     };
-    let Ok(dtype) = tensor::float_type(w) else {
+    let Ok(dtype) = tensor::float_type(&w) else {
         return skip(format!(
             "Conv '{name}': weight '{w_name}' has data type {}, not a float type",
             w.data_type()
         ));
     };
-    let weight = tensor::read_f64(w, &index.model.external)?;
+    let weight = tensor::read_f64(&w, &index.model.external)?;
     let rank = weight.ndim().saturating_sub(2);
     if rank == 0 {
         return skip(format!(
@@ -278,7 +285,7 @@ fn conv_term(index: &GraphIndex, i: usize) -> Result<(AffineConv, FloatType), Fo
             let Some(b) = index.constant(b_name) else {
                 return skip(format!("Conv '{name}': bias '{b_name}' is not a constant"));
             };
-            let bias = tensor::read_f64(b, &index.model.external)?;
+            let bias = tensor::read_f64(&b, &index.model.external)?;
             if bias.shape() != [out_channels] {
                 return skip(format!(
                     "Conv '{name}': bias '{b_name}' has shape {:?} for {out_channels} channels",
@@ -288,7 +295,12 @@ fn conv_term(index: &GraphIndex, i: usize) -> Result<(AffineConv, FloatType), Fo
             Array1::from_iter(bias.iter().copied())
         }
     };
-    let geometry = geometry(node, weight.shape())
+    let spatial = node
+        .input
+        .first()
+        .and_then(|x| index.static_shape(x))
+        .map(|s| s[2.min(s.len())..].to_vec());
+    let geometry = geometry(node, weight.shape(), spatial)
         .map_err(|r| FoldError::Skip(format!("Conv '{name}': {r}")))?;
     if out_channels % geometry.group != 0 {
         return skip(format!(
@@ -307,7 +319,13 @@ fn conv_term(index: &GraphIndex, i: usize) -> Result<(AffineConv, FloatType), Fo
 }
 
 /// Reads strides, dilations, pads (or auto_pad) and group of a Conv whose weight has `shape`.
-fn geometry(node: &NodeProto, shape: &[usize]) -> Result<Geometry, String> {
+/// `spatial` is the input's static spatial size, if known (needed for `auto_pad=SAME_*` with
+/// strides).
+fn geometry(
+    node: &NodeProto,
+    shape: &[usize],
+    spatial: Option<Vec<usize>>,
+) -> Result<Geometry, String> {
     let kernel = &shape[2..];
     let rank = kernel.len();
     let positive = |name: &str| -> Result<Vec<usize>, String> {
@@ -344,12 +362,23 @@ fn geometry(node: &NodeProto, shape: &[usize]) -> Result<Geometry, String> {
         },
         "VALID" => (vec![0; rank], vec![0; rank]),
         "SAME_UPPER" | "SAME_LOWER" => {
-            if strides.iter().any(|&s| s != 1) {
-                return Err(format!(
-                    "auto_pad={auto_pad} with stride > 1 depends on the input size"
-                ));
-            }
-            let total: Vec<usize> = (0..rank).map(|a| dilations[a] * (kernel[a] - 1)).collect();
+            let extent = |a: usize| dilations[a] * (kernel[a] - 1) + 1;
+            let total: Vec<usize> = if strides.iter().all(|&s| s == 1) {
+                (0..rank).map(|a| extent(a) - 1).collect()
+            } else {
+                let Some(sizes) = spatial.filter(|s| s.len() == rank) else {
+                    return Err(format!(
+                        "auto_pad={auto_pad} with stride > 1 depends on the input size, \
+                         which the model does not declare"
+                    ));
+                };
+                (0..rank)
+                    .map(|a| {
+                        let out = sizes[a].div_ceil(strides[a]);
+                        ((out.max(1) - 1) * strides[a] + extent(a)).saturating_sub(sizes[a])
+                    })
+                    .collect()
+            };
             let small: Vec<usize> = total.iter().map(|t| t / 2).collect();
             let large: Vec<usize> = total.iter().zip(&small).map(|(t, s)| t - s).collect();
             if auto_pad == "SAME_UPPER" {
@@ -412,7 +441,7 @@ fn bn_scale_shift(
                 "BatchNormalization '{name}': {what} '{v}' is not a constant"
             ));
         };
-        let values = tensor::read_f64(t, &index.model.external)?;
+        let values = tensor::read_f64(&t, &index.model.external)?;
         if values.ndim() != 1 {
             return skip(format!(
                 "BatchNormalization '{name}': {what} '{v}' is not 1-D"

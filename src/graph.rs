@@ -2,13 +2,14 @@
 //! are constants (initializers that are not graph inputs, or `Constant` nodes), and the checks
 //! that make the graph safe to rewrite (no dangling reference, no value produced twice, no cycle).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use petgraph::graph::DiGraph;
 
 use crate::error::{Error, Result};
 use crate::onnx::Model;
-use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, tensor_shape_proto, type_proto};
 
 /// Producer/consumer index of a model's main graph.
 #[derive(Debug)]
@@ -148,12 +149,64 @@ impl<'m> GraphIndex<'m> {
     }
 
     /// The constant tensor named `value`: an initializer that is not an overridable graph input,
-    /// or the `value` attribute of a `Constant` node.
-    pub fn constant(&self, value: &str) -> Option<&'m TensorProto> {
+    /// a `Constant` node's tensor, or the result of a constant subgraph (see [`crate::constant`]).
+    pub fn constant(&self, value: &str) -> Option<Cow<'m, TensorProto>> {
+        if let Some(t) = self.declared_constant(value) {
+            return Some(Cow::Borrowed(t));
+        }
+        crate::constant::evaluate(self, value).map(|v| Cow::Owned(v.to_tensor(value)))
+    }
+
+    /// A constant stored as such: an initializer that is not an overridable graph input, or the
+    /// `value` tensor of a `Constant` node.
+    pub fn declared_constant(&self, value: &str) -> Option<&'m TensorProto> {
         if self.is_overridable_input(value) {
             return None;
         }
         self.declared_tensor(value)
+    }
+
+    /// The shape of `value` when every dimension is declared as a number.
+    pub fn static_shape(&self, value: &str) -> Option<Vec<usize>> {
+        if let Some(t) = self.declared_tensor(value) {
+            return t.dims.iter().map(|&d| usize::try_from(d).ok()).collect();
+        }
+        let m = self.model;
+        let info = m
+            .inputs
+            .iter()
+            .chain(&m.outputs)
+            .chain(&m.value_info)
+            .find(|v| v.name() == value)?;
+        let type_proto::Value::TensorType(t) = info.r#type.as_ref()?.value.as_ref()? else {
+            return None;
+        };
+        t.shape
+            .as_ref()?
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(tensor_shape_proto::dimension::Value::DimValue(v)) => usize::try_from(v).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The element type of `value`, from its constant or its declared type.
+    pub fn elem_type(&self, value: &str) -> Option<i32> {
+        if let Some(t) = self.declared_tensor(value) {
+            return t.data_type;
+        }
+        let m = self.model;
+        m.inputs
+            .iter()
+            .chain(&m.outputs)
+            .chain(&m.value_info)
+            .find(|v| v.name() == value)
+            .and_then(|v| match v.r#type.as_ref()?.value.as_ref()? {
+                type_proto::Value::TensorType(t) => t.elem_type,
+                _ => None,
+            })
     }
 
     /// The tensor an initializer or `Constant` node declares for `value`, constant or not (for

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod affine;
+pub mod constant;
 pub mod error;
 pub mod fold;
 pub mod graph;

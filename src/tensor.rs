@@ -178,6 +178,64 @@ fn from_typed_fields(t: &TensorProto, ty: FloatType, count: usize) -> Result<Vec
     Ok(values)
 }
 
+/// Reads an integer tensor (INT64, INT32, INT16, INT8, UINT8, BOOL) into i64.
+pub fn read_i64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<i64>> {
+    let name = t.name.as_deref().unwrap_or("");
+    let code = t.data_type.unwrap_or(0);
+    let size = match code {
+        7 => 8,
+        6 => 4,
+        5 => 2,
+        2 | 3 | 9 => 1,
+        _ => {
+            return Err(Error::tensor(
+                name,
+                format!("data type {code} is not an integer type"),
+            ));
+        }
+    };
+    let (dims, count) = shape(t)?;
+    let raw = if is_external(t) {
+        Some(external.bytes(t)?)
+    } else {
+        t.raw_data.clone().filter(|r| !r.is_empty() || count == 0)
+    };
+    let values: Vec<i64> = match raw {
+        Some(raw) => {
+            if count.checked_mul(size) != Some(raw.len()) {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "dims need {count} values but the data holds {} bytes",
+                        raw.len()
+                    ),
+                ));
+            }
+            raw.chunks_exact(size)
+                .map(|c| match (code, size) {
+                    (_, 8) => i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
+                    (_, 4) => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
+                    (_, 2) => i16::from_le_bytes([c[0], c[1]]) as i64,
+                    (3, 1) => c[0] as i8 as i64,
+                    _ => c[0] as i64,
+                })
+                .collect()
+        }
+        None if code == 7 => t.int64_data.clone(),
+        None => t.int32_data.iter().map(|&v| v as i64).collect(),
+    };
+    if values.len() != count {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "dims need {count} values but the tensor holds {}",
+                values.len()
+            ),
+        ));
+    }
+    ArrayD::from_shape_vec(IxDyn(&dims), values).map_err(|e| Error::tensor(name, e.to_string()))
+}
+
 /// Encodes values as little-endian bytes of `ty` (rounding to nearest).
 pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * ty.size());

@@ -517,3 +517,108 @@ fn one_and_three_dimensional_blocks_fold() {
         fuse_and_compare(&b, 1, &[("Conv", 1)]);
     }
 }
+
+#[test]
+fn same_auto_pad_with_stride_two_folds_when_the_input_size_is_declared() {
+    let build = |declared: bool| {
+        let mut b = Builder::new(&[1, 4, 7, 7]);
+        if !declared {
+            let t = b.graph.input[0].r#type.as_mut().unwrap();
+            if let Some(onnx_repvgg::onnx::proto::type_proto::Value::TensorType(t)) =
+                t.value.as_mut()
+            {
+                t.shape.as_mut().unwrap().dim[3].value = Some(
+                    onnx_repvgg::onnx::proto::tensor_shape_proto::dimension::Value::DimParam(
+                        "w".into(),
+                    ),
+                );
+            }
+        }
+        let w3 = b.init(&[4, 4, 3, 3], -0.5, 0.5);
+        let w1 = b.init(&[4, 4, 1, 1], -0.5, 0.5);
+        let attrs = |pad: &str| {
+            vec![
+                onnx_repvgg::onnx::attr::new_ints("strides", [2, 2]),
+                onnx_repvgg::onnx::proto::AttributeProto {
+                    name: Some("auto_pad".into()),
+                    r#type: Some(3),
+                    s: Some(pad.as_bytes().to_vec().into()),
+                    ..Default::default()
+                },
+            ]
+        };
+        let c3 = b.node("Conv", &["x", &w3], attrs("SAME_UPPER"));
+        let c1 = b.node("Conv", &["x", &w1], attrs("SAME_LOWER"));
+        let y = b.node("Add", &[&c3, &c1], vec![]);
+        b.output(&y, &[1, 4, 4, 4]);
+        b
+    };
+    fuse_and_compare(&build(true), 1, &[("Conv", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
+    std::fs::write(&input, build(false).build()).unwrap();
+    let stdout = String::from_utf8_lossy(&fuse(&input, &output, &[]).stdout).into_owned();
+    assert!(
+        stdout.starts_with("fused 0 blocks") && stdout.contains("depends on the input size"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn weights_and_biases_computed_by_constant_subgraphs_fold() {
+    use onnx_repvgg::onnx::attr::{new_int, new_ints};
+    let mut b = Builder::new(&SHAPE);
+    // Zero bias as the dynamo exporter builds it without optimization.
+    let w = b.init(&[4, 4, 3, 3], -0.5, 0.5);
+    let shape = b.node("Shape", &[&w], vec![new_int("start", 0), new_int("end", 1)]);
+    let zero = b.constant(&[], vec![0.0]);
+    let typed_zero = b.node("CastLike", &[&zero, "x"], vec![]);
+    let bias = b.node("Expand", &[&typed_zero, &shape], vec![]);
+    let c3 = b.node(
+        "Conv",
+        &["x", &w, &bias],
+        vec![new_ints("pads", [1, 1, 1, 1])],
+    );
+    // A weight computed as W + C (TorchScript without constant folding).
+    let w1 = b.init(&[4, 4, 1, 1], -0.5, 0.5);
+    let delta = b.init(&[4, 4, 1, 1], -0.1, 0.1);
+    let w1 = b.node("Add", &[&w1, &delta], vec![]);
+    let c1 = b.node("Conv", &["x", &w1], vec![]);
+    // A per-channel scale reshaped from a flat vector.
+    let scale = b.constant(&[4], vec![0.5, 1.5, -1.0, 2.0]);
+    let dims = b.graph.initializer.len();
+    b.graph
+        .initializer
+        .push(onnx_repvgg::onnx::proto::TensorProto {
+            name: Some(format!("dims{dims}")),
+            dims: vec![3],
+            data_type: Some(7),
+            int64_data: vec![-1, 1, 1],
+            ..Default::default()
+        });
+    let scale = b.node("Reshape", &[&scale, &format!("dims{dims}")], vec![]);
+    let s = b.node("Add", &[&c3, &c1], vec![]);
+    let y = b.node("Mul", &[&s, &scale], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1)]);
+}
+
+#[test]
+fn training_mode_batch_norms_fold_only_when_allowed() {
+    let input = testdata().join("models/tiny/ts_train_op17.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let run = fuse(&input, &out, &["--allow-training"]);
+    assert!(run.status.success());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stdout.starts_with("fused 7 blocks (5 without identity)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("warning: folded 16 BatchNormalization nodes exported in training mode"),
+        "{stderr}"
+    );
+    assert_eq!(op_histogram(&out).get("BatchNormalization"), None);
+}
