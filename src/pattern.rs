@@ -124,7 +124,7 @@ pub fn find_blocks(index: &GraphIndex) -> Vec<Candidate> {
     let mut found = Vec::new();
     for i in 0..index.model.nodes.len() {
         if expand(index, i).is_some() && parent(index, i).is_none() {
-            match_tree(index, i, &mut found);
+            match_tree(index, i, true, &mut found);
         }
     }
     found.sort_by_key(|c| c.block.root);
@@ -241,8 +241,9 @@ fn leaf_input<'a>(index: &GraphIndex<'a>, leaf: &'a Term) -> Option<&'a str> {
     }
 }
 
-/// Matches the tree rooted at node `root`; where it is no block, tries its sub-trees.
-fn match_tree(index: &GraphIndex, root: usize, found: &mut Vec<Candidate>) {
+/// Matches the tree rooted at node `root`; where it is no block, tries its sub-trees, and the
+/// outermost tree that looks like a block is reported with the reason it is not one.
+fn match_tree(index: &GraphIndex, root: usize, outermost: bool, found: &mut Vec<Candidate>) {
     let term = parse(index, root);
     let mut reads: Vec<&str> = Vec::new();
     let mut convs = 0;
@@ -286,16 +287,15 @@ fn match_tree(index: &GraphIndex, root: usize, found: &mut Vec<Candidate>) {
             _ => 0,
         }
     });
-    let before = found.len();
     for child in children(&term) {
         if let Some(n) = child
             .node()
             .filter(|_| !matches!(child, Term::Conv(_) | Term::AvgPool(_)))
         {
-            match_tree(index, n, found);
+            match_tree(index, n, false, found);
         }
     }
-    if found.len() == before && looks >= 2 {
+    if outermost && looks >= 2 {
         let blocked = Some(stray_reason(index, stray, x));
         let block = Block {
             root,
@@ -347,14 +347,18 @@ fn stray_reason(index: &GraphIndex, leaf: &Term, x: &str) -> String {
     }
 }
 
-/// Whether `value` is computed from `x` within a few single-path steps.
+/// Whether `value` is computed from `x` within a few dozen steps upstream.
 fn descends_from(index: &GraphIndex, value: &str, x: &str) -> bool {
-    let mut frontier = vec![value.to_string()];
-    for _ in 0..8 {
+    let mut seen = std::collections::HashSet::new();
+    let mut frontier = vec![value];
+    for _ in 0..32 {
         let mut next = Vec::new();
-        for v in &frontier {
+        for v in frontier {
             if v == x {
                 return true;
+            }
+            if !seen.insert(v) || seen.len() > 4096 {
+                continue;
             }
             if let Some(p) = index.producer(v) {
                 next.extend(
@@ -362,12 +366,12 @@ fn descends_from(index: &GraphIndex, value: &str, x: &str) -> bool {
                         .node(p)
                         .input
                         .iter()
-                        .filter(|i| !i.is_empty())
-                        .cloned(),
+                        .map(String::as_str)
+                        .filter(|i| !i.is_empty()),
                 );
             }
         }
         frontier = next;
     }
-    frontier.iter().any(|v| v == x)
+    false
 }

@@ -26,6 +26,7 @@ pub fn testdata() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Fixture {
     pub model: String,
+    pub family: String,
     pub form: String,
     pub path: PathBuf,
     pub input: PathBuf,
@@ -37,6 +38,10 @@ pub struct Fixture {
     pub deploy_structure: bool,
     pub external_data: bool,
     pub deploy_ops: BTreeMap<String, usize>,
+    /// `fused`, `refused: <words of the reason>` or `partial: <why>` (families manifest).
+    pub expect: String,
+    /// Whether ONNX Runtime (and so any runtime we have) can run the model.
+    pub runs: bool,
 }
 
 impl Fixture {
@@ -53,9 +58,14 @@ impl Fixture {
     }
 }
 
-/// Every fixture of the manifest.
+/// Every fixture of `testdata/manifest.json`.
 pub fn fixtures() -> Vec<Fixture> {
-    let text = std::fs::read_to_string(testdata().join("manifest.json")).expect("manifest");
+    fixtures_in(&testdata())
+}
+
+/// Every fixture of `DIR/manifest.json` (paths relative to DIR).
+pub fn fixtures_in(dir: &Path) -> Vec<Fixture> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest");
     let items: Vec<serde_json::Value> = serde_json::from_str(&text).expect("manifest json");
     items
         .iter()
@@ -74,10 +84,11 @@ pub fn fixtures() -> Vec<Fixture> {
                 .collect();
             Fixture {
                 model: s("model"),
+                family: v["family"].as_str().unwrap_or("repvgg").to_string(),
                 form: s("form"),
-                path: testdata().join(s("path")),
-                input: testdata().join(s("input")),
-                output: testdata().join(s("output")),
+                path: dir.join(s("path")),
+                input: dir.join(s("input")),
+                output: dir.join(s("output")),
                 dtype: s("dtype"),
                 blocks: n("blocks"),
                 without_identity: n("without_identity"),
@@ -85,6 +96,15 @@ pub fn fixtures() -> Vec<Fixture> {
                 deploy_structure: v["deploy_structure"].as_bool().unwrap_or(false),
                 external_data: v["external_data"].as_bool().unwrap_or(false),
                 deploy_ops: ops,
+                expect: v["expect"]
+                    .as_str()
+                    .unwrap_or(if v["fusable"].as_bool().unwrap() {
+                        "fused"
+                    } else {
+                        "refused: training"
+                    })
+                    .to_string(),
+                runs: v["ort_runs"].as_bool().unwrap_or(true),
             }
         })
         .collect()
@@ -149,34 +169,46 @@ pub fn run_tract(model: &Path, input: &Tensor) -> Vec<Vec<f64>> {
 
 /// Like [`run_tract`], but stops at the value `output` when given.
 pub fn run_tract_until(model: &Path, input: &Tensor, output: Option<&str>) -> Vec<Vec<f64>> {
+    try_run_tract(model, input, output).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a model in tract, or says why tract cannot.
+pub fn try_run_tract(
+    model: &Path,
+    input: &Tensor,
+    output: Option<&str>,
+) -> Result<Vec<Vec<f64>>, String> {
+    let fail = |stage: &str, e: TractError| format!("tract {stage} {}: {e:?}", model.display());
     let fact = InferenceFact::dt_shape(input.datum_type(), input.shape());
     // value_info with a symbolic batch ("batch") would contradict the concrete input fact.
     let mut onnx = tract_onnx::onnx();
     onnx.ignore_value_info = true;
-    let plan = onnx
+    let mut plan = onnx
         .model_for_path(model)
-        .unwrap_or_else(|e| panic!("tract load {}: {e:?}", model.display()))
+        .map_err(|e| fail("load", e))?
         .with_input_fact(0, fact)
-        .unwrap();
-    let mut plan = plan;
+        .map_err(|e| fail("input", e))?;
     if let Some(name) = output {
-        plan.select_outputs_by_name([name]).unwrap();
+        plan.select_outputs_by_name([name])
+            .map_err(|e| fail("output", e))?;
     }
     let plan = plan
         .into_optimized()
-        .unwrap_or_else(|e| panic!("tract optimize {}: {e:?}", model.display()))
+        .map_err(|e| fail("optimize", e))?
         .into_runnable()
-        .unwrap();
-    let outputs = plan.run(tvec!(input.clone().into())).expect("tract run");
+        .map_err(|e| fail("plan", e))?;
+    let outputs = plan
+        .run(tvec!(input.clone().into()))
+        .map_err(|e| fail("run", e))?;
     outputs
         .iter()
         .map(|t| {
-            let t = t.cast_to::<f64>().expect("cast");
-            t.to_plain_array_view::<f64>()
-                .expect("view")
+            let t = t.cast_to::<f64>().map_err(|e| fail("cast", e))?;
+            Ok(t.to_plain_array_view::<f64>()
+                .map_err(|e| fail("view", e))?
                 .iter()
                 .copied()
-                .collect()
+                .collect())
         })
         .collect()
 }
