@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use common::*;
 
@@ -24,7 +24,7 @@ fn summary_fused(stdout: &str) -> usize {
 
 /// Runs the original and the fused model in tract and compares them with PyTorch's output (or,
 /// where tract cannot run the original, the fused model with PyTorch's output alone).
-fn compare(fx: &Fixture, fused: &PathBuf) -> Result<String, String> {
+fn compare(fx: &Fixture, fused: &Path) -> Result<String, String> {
     let input = load_tensor(&fx.input);
     let expected: Vec<f64> = {
         let t = load_tensor(&fx.output)
