@@ -13,6 +13,8 @@ use crate::tensor::{self, FloatType};
 
 /// Nodes deeper than this are not followed.
 const MAX_DEPTH: usize = 32;
+/// Results up to this many elements are remembered (so shared subgraphs are evaluated once).
+const MEMO_ELEMENTS: usize = 1 << 16;
 /// Results bigger than this many elements are not computed.
 const MAX_ELEMENTS: usize = 1 << 26;
 
@@ -103,6 +105,20 @@ fn eval(index: &GraphIndex, value: &str, depth: usize) -> Option<Value> {
     if let Some(t) = index.declared_constant(value) {
         return from_tensor(index, t);
     }
+    if let Some(known) = index.memo(value) {
+        return known;
+    }
+    let result = eval_node(index, value, depth);
+    let small = result
+        .as_ref()
+        .is_none_or(|v| v.shape().iter().product::<usize>() <= MEMO_ELEMENTS);
+    if small {
+        index.remember(value, result.clone());
+    }
+    result
+}
+
+fn eval_node(index: &GraphIndex, value: &str, depth: usize) -> Option<Value> {
     let node = index.node(index.producer(value)?);
     if !is_default_domain(node) || node.output.first().map(String::as_str) != Some(value) {
         return None;
@@ -142,6 +158,7 @@ fn apply(
         "Expand" => {
             let a = input(0)?;
             let target = broadcast_shape(a.shape(), &to_dims(&input(1)?.ints()?)?)?;
+            small(&target)?;
             reshape_like(&a, |x| x.broadcast(IxDyn(&target)).map(|v| v.to_owned()))
         }
         "Reshape" => {
@@ -181,6 +198,7 @@ fn apply(
         "Slice" => slice(node, input),
         "ConstantOfShape" => {
             let dims = to_dims(&input(0)?.ints()?)?;
+            small(&dims)?;
             let fill = node
                 .attribute
                 .iter()
@@ -255,6 +273,12 @@ fn range(len: usize, start: Option<i64>, end: Option<i64>) -> (usize, usize) {
 fn axis_of(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     (0..rank as i64).contains(&a).then_some(a as usize)
+}
+
+/// `Some` when a tensor of `dims` is small enough to compute.
+fn small(dims: &[usize]) -> Option<()> {
+    let n = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    (n <= MAX_ELEMENTS).then_some(())
 }
 
 fn to_dims(v: &[i64]) -> Option<Vec<usize>> {

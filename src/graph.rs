@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
 use petgraph::graph::DiGraph;
 
@@ -20,6 +21,8 @@ pub struct GraphIndex<'m> {
     outputs: HashSet<&'m str>,
     inputs: HashSet<&'m str>,
     initializers: HashMap<&'m str, usize>,
+    /// Constant subgraph results, and values found not to be constant ([`crate::constant`]).
+    memo: Mutex<HashMap<String, Option<crate::constant::Value>>>,
 }
 
 impl<'m> GraphIndex<'m> {
@@ -85,6 +88,7 @@ impl<'m> GraphIndex<'m> {
             outputs,
             inputs,
             initializers,
+            memo: Mutex::default(),
         };
         index.check_acyclic()?;
         Ok(index)
@@ -190,6 +194,18 @@ impl<'m> GraphIndex<'m> {
                 _ => None,
             })
             .collect()
+    }
+
+    /// What [`crate::constant`] found for `value` before, if anything.
+    pub(crate) fn memo(&self, value: &str) -> Option<Option<crate::constant::Value>> {
+        self.memo.lock().ok()?.get(value).cloned()
+    }
+
+    /// Remembers the constant `value` evaluates to (or that it is none).
+    pub(crate) fn remember(&self, value: &str, result: Option<crate::constant::Value>) {
+        if let Ok(mut memo) = self.memo.lock() {
+            memo.insert(value.to_string(), result);
+        }
     }
 
     /// The element type of `value`, from its constant or its declared type.

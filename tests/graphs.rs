@@ -622,3 +622,17 @@ fn training_mode_batch_norms_fold_only_when_allowed() {
     );
     assert_eq!(op_histogram(&out).get("BatchNormalization"), None);
 }
+
+#[test]
+fn a_deep_self_doubling_constant_subgraph_is_evaluated_once_per_value() {
+    // v(i+1) = v(i) + v(i): without memoization the evaluator would take 2^depth steps.
+    let mut b = Builder::new(&SHAPE);
+    let mut v = b.constant(&[4, 1, 1], vec![0.5, 1.0, 1.5, 2.0]);
+    for _ in 0..30 {
+        v = b.node("Add", &[&v, &v], vec![]);
+    }
+    let c = b.conv("x", ConvSpec::k3(4, 4));
+    let y = b.node("Mul", &[&c, &v], vec![]);
+    b.output(&y, &SHAPE);
+    fuse_and_compare(&b, 1, &[("Conv", 1)]);
+}
