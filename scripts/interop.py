@@ -10,6 +10,11 @@ For every fixture of each FIXTURE_ROOT/manifest.json (default: testdata and test
 - ONNX Runtime's outputs on the stored input equal to the original model's within a tolerance
   relative to the output magnitude (1e-4 float32, 2e-2 float16), where ORT runs the model.
 
+Then every model of ONNX's own backend test corpus (shipped in the `onnx` package,
+`onnx/backend/test/data/`, a corpus we did not write) must pass through `fuse` byte-identical:
+nothing in it is a re-parameterizable block (its "light" models generate their weights with
+ConstantOfShape, which stays as it is).
+
 Usage: python scripts/interop.py BINARY [FIXTURE_ROOT ...]
 """
 
@@ -95,6 +100,19 @@ def main():
                 except Exception as e:  # noqa: BLE001 - report every fixture
                     failures.append(label)
                     print(f"FAIL  {label}: {e}")
+        corpus = pathlib.Path(onnx.__file__).parent / "backend" / "test" / "data"
+        models = sorted(corpus.rglob("*.onnx"))
+        unchanged = 0
+        for src in models:
+            dst = pathlib.Path(tmp) / "corpus.onnx"
+            result = subprocess.run([binary, "fuse", str(src), str(dst)], capture_output=True, text=True)
+            if result.returncode == 0 and dst.read_bytes() == src.read_bytes():
+                unchanged += 1
+            else:
+                failures.append(str(src.relative_to(corpus)))
+                print(f"FAIL  corpus {src.relative_to(corpus)}: exit {result.returncode} {result.stderr.strip()}")
+        print(f"ok    ONNX backend test corpus: {unchanged} of {len(models)} models unchanged")
+        checked += unchanged
     print(f"interop: {checked} passed, {len(failures)} failed")
     sys.exit(1 if failures or checked == 0 else 0)
 

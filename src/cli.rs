@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use onnx_repvgg::{BlockInfo, FuseReport, InspectReport, Options};
@@ -52,6 +55,7 @@ enum Command {
 
 /// Runs one command.
 pub fn run(args: Args) -> Result<()> {
+    let mut out = String::new();
     match args.command {
         Command::Fuse {
             input,
@@ -71,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
                     report.training_bn_folded
                 );
             }
-            print_fuse(&report, verbose);
+            print_fuse(&mut out, &report, verbose);
         }
         Command::Inspect {
             input,
@@ -81,14 +85,27 @@ pub fn run(args: Args) -> Result<()> {
                 allow_training_bn: allow_training,
             };
             let report = onnx_repvgg::inspect_file(&input, options)?;
-            print_inspect(&report);
+            print_inspect(&mut out, &report);
         }
     }
-    Ok(())
+    emit(&out)
 }
 
-fn print_fuse(r: &FuseReport, verbose: bool) {
-    println!(
+/// Writes the results to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn print_fuse(out: &mut String, r: &FuseReport, verbose: bool) {
+    let _ = writeln!(
+        out,
         "fused {} blocks ({} without identity): {} → {} nodes, {} → {} parameters, {:.1} ms",
         r.fused.len(),
         r.fused_without_identity(),
@@ -104,25 +121,34 @@ fn print_fuse(r: &FuseReport, verbose: bool) {
         .filter_map(|b| b.rounding_error)
         .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
     if let Some(e) = rounding {
-        println!(
+        let _ = writeln!(
+            out,
             "  half-precision weights: folded in f64, rounded once (largest change {e:.1e} of the largest weight)"
         );
     }
     if verbose {
         let mut blocks: Vec<&BlockInfo> = r.fused.iter().chain(&r.skipped).collect();
         blocks.sort_by_key(|b| !b.fusable);
-        print_table(&blocks, "  ", "status");
+        print_table(out, &blocks, "  ", "status");
         return;
     }
     for b in &r.skipped {
-        println!(
-            "  skipped {} ({}→{}, {}): {}",
+        let _ = writeln!(
+            out,
+            "  skipped {} ({}, {}): {}",
             b.name,
-            b.in_channels,
-            b.out_channels,
+            channels(b),
             shape(b),
             b.reason.as_deref().unwrap_or("")
         );
+    }
+}
+
+/// `C_in→C_out`, or `?` where the weights are not constants.
+fn channels(b: &BlockInfo) -> String {
+    match (b.in_channels, b.out_channels) {
+        (0, 0) => "?".into(),
+        (i, o) => format!("{i}→{o}"),
     }
 }
 
@@ -148,14 +174,14 @@ fn stride(b: &BlockInfo) -> String {
 }
 
 /// One row per block, columns padded to the widest cell; the last column says fused/fusable.
-fn print_table(blocks: &[&BlockInfo], indent: &str, last: &str) {
+fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, last: &str) {
     let yes = if last == "status" { "fused" } else { "yes" };
     let rows: Vec<[String; 7]> = blocks
         .iter()
         .map(|b| {
             [
                 b.name.clone(),
-                format!("{}→{}", b.in_channels, b.out_channels),
+                channels(b),
                 stride(b),
                 b.groups.to_string(),
                 shape(b),
@@ -183,14 +209,15 @@ fn print_table(blocks: &[&BlockInfo], indent: &str, last: &str) {
             .zip(&widths)
             .map(|(c, &w)| format!("{c:<w$}"))
             .collect();
-        println!("{indent}{}", cells.join("  ").trim_end());
+        let _ = writeln!(out, "{indent}{}", cells.join("  ").trim_end());
     }
 }
 
-fn print_inspect(r: &InspectReport) {
+fn print_inspect(out: &mut String, r: &InspectReport) {
     let blocks: Vec<&BlockInfo> = r.blocks.iter().collect();
-    print_table(&blocks, "", "fusable");
-    println!(
+    print_table(out, &blocks, "", "fusable");
+    let _ = writeln!(
+        out,
         "{} blocks, {} without identity, {} fusable",
         r.blocks.len(),
         r.without_identity(),

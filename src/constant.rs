@@ -15,6 +15,8 @@ use crate::tensor::{self, FloatType};
 const MAX_DEPTH: usize = 32;
 /// Results up to this many elements are remembered (so shared subgraphs are evaluated once).
 const MEMO_ELEMENTS: usize = 1 << 16;
+/// Constants up to this many elements may be expanded from fewer (a zero bias from a scalar).
+const SMALL: usize = 4096;
 /// Results bigger than this many elements are not computed.
 const MAX_ELEMENTS: usize = 1 << 26;
 
@@ -78,6 +80,35 @@ impl Value {
             Value::Int(_, code) => *code,
         }
     }
+}
+
+/// How many stored values (initializers, `Constant` tensors and attributes) the constant subgraph
+/// computing `value` reads.
+pub fn stored_elements(index: &GraphIndex, value: &str) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![value];
+    let mut total = 0usize;
+    while let Some(v) = stack.pop() {
+        if v.is_empty() || !seen.insert(v) || seen.len() > 10_000 {
+            continue;
+        }
+        if let Some(t) = index.declared_tensor(v) {
+            total += t.dims.iter().map(|&d| d.max(0) as usize).product::<usize>();
+            continue;
+        }
+        let Some(node) = index.producer(v).map(|p| index.node(p)) else {
+            continue;
+        };
+        for a in &node.attribute {
+            total +=
+                a.floats.len() + a.ints.len() + a.f.is_some() as usize + a.i.is_some() as usize;
+            if let Some(t) = &a.t {
+                total += t.dims.iter().map(|&d| d.max(0) as usize).product::<usize>();
+            }
+        }
+        stack.extend(node.input.iter().map(String::as_str));
+    }
+    total
 }
 
 /// A constant tensor read as a [`Value`].
@@ -158,7 +189,7 @@ fn apply(
         "Expand" => {
             let a = input(0)?;
             let target = broadcast_shape(a.shape(), &to_dims(&input(1)?.ints()?)?)?;
-            small(&target)?;
+            compact(&target, count(a.shape()))?;
             reshape_like(&a, |x| x.broadcast(IxDyn(&target)).map(|v| v.to_owned()))
         }
         "Reshape" => {
@@ -198,7 +229,7 @@ fn apply(
         "Slice" => slice(node, input),
         "ConstantOfShape" => {
             let dims = to_dims(&input(0)?.ints()?)?;
-            small(&dims)?;
+            compact(&dims, 1)?;
             let fill = node
                 .attribute
                 .iter()
@@ -275,10 +306,17 @@ fn axis_of(axis: i64, rank: usize) -> Option<usize> {
     (0..rank as i64).contains(&a).then_some(a as usize)
 }
 
-/// `Some` when a tensor of `dims` is small enough to compute.
-fn small(dims: &[usize]) -> Option<()> {
+fn count(dims: &[usize]) -> usize {
+    dims.iter().product()
+}
+
+/// `Some` when an op may produce a tensor of `dims` from inputs of `source` elements: at most
+/// [`SMALL`] elements, or no more than its inputs hold. A model that generates a big tensor from a
+/// few values (`ConstantOfShape` weights, as in ONNX's "light" test models) keeps it generated:
+/// folding it would store every value.
+fn compact(dims: &[usize], source: usize) -> Option<()> {
     let n = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
-    (n <= MAX_ELEMENTS).then_some(())
+    (n <= MAX_ELEMENTS && n <= SMALL.max(source)).then_some(())
 }
 
 fn to_dims(v: &[i64]) -> Option<Vec<usize>> {
@@ -324,6 +362,7 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 
 fn binary(op: &str, a: Value, b: Value) -> Option<Value> {
     let shape = broadcast_shape(a.shape(), b.shape())?;
+    compact(&shape, count(a.shape()) + count(b.shape()))?;
     let f = |x: f64, y: f64| match op {
         "Add" => x + y,
         "Sub" => x - y,

@@ -161,6 +161,20 @@ impl<'m> GraphIndex<'m> {
         crate::constant::evaluate(self, value).map(|v| Cow::Owned(v.to_tensor(value)))
     }
 
+    /// Like [`Self::constant`], but refuses a computed constant bigger than the stored values it
+    /// is computed from (a weight the model generates, e.g. with `ConstantOfShape`): folding it
+    /// would store in full what the model keeps compact.
+    pub fn stored_constant(&self, value: &str) -> Option<Cow<'m, TensorProto>> {
+        let t = self.constant(value)?;
+        if matches!(t, Cow::Owned(_)) {
+            let elements: usize = t.dims.iter().map(|&d| d.max(0) as usize).product();
+            if elements > crate::constant::stored_elements(self, value) {
+                return None;
+            }
+        }
+        Some(t)
+    }
+
     /// A constant stored as such: an initializer that is not an overridable graph input, or the
     /// `value` tensor of a `Constant` node.
     pub fn declared_constant(&self, value: &str) -> Option<&'m TensorProto> {
