@@ -636,3 +636,50 @@ fn a_deep_self_doubling_constant_subgraph_is_evaluated_once_per_value() {
     b.output(&y, &SHAPE);
     fuse_and_compare(&b, 1, &[("Conv", 1)]);
 }
+
+#[test]
+fn batch_norm_15_with_float16_statistics_folds() {
+    // BatchNormalization-15 allows mean/var of another float type than the input. tract runs
+    // only uniform types, so the reference is the same model with the statistics as float32
+    // (float16 values are exact in float32).
+    let build = |half: bool| {
+        let mut b = Builder::new(&SHAPE);
+        let c3 = b.conv("x", ConvSpec::k3(4, 4));
+        let c1 = b.conv("x", ConvSpec::k1(4, 4));
+        let s = b.node("Add", &[&c3, &c1], vec![]);
+        let y = b.bn(&s, 4, 1e-5);
+        b.output(&y, &SHAPE);
+        for t in b.graph.initializer.iter_mut().rev().take(2) {
+            let values: Vec<half::f16> = t
+                .float_data
+                .iter()
+                .map(|&v| half::f16::from_f32(v))
+                .collect();
+            t.float_data = values.iter().map(|v| v.to_f32()).collect();
+            if half {
+                t.data_type = Some(10);
+                t.int32_data = values.iter().map(|v| v.to_bits() as i32).collect();
+                t.float_data.clear();
+            }
+        }
+        b
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output, reference) = (
+        dir.path().join("in.onnx"),
+        dir.path().join("out.onnx"),
+        dir.path().join("ref.onnx"),
+    );
+    std::fs::write(&input, build(true).build()).unwrap();
+    std::fs::write(&reference, build(false).build()).unwrap();
+    let run = fuse(&input, &output, &[]);
+    assert!(String::from_utf8_lossy(&run.stdout).starts_with("fused 1 blocks"));
+    let shape = [1usize, 4, 6, 6];
+    let data: Vec<f32> = (0..144)
+        .map(|i| ((i * 37 % 17) as f32 / 8.0) - 1.0)
+        .collect();
+    let x = Tensor::from(tract_ndarray::ArrayD::from_shape_vec(&shape[..], data).unwrap());
+    let want = run_tract(&reference, &x);
+    let got = run_tract(&output, &x);
+    assert!(relative_error(&want[0], &got[0]) < 1e-5);
+}
