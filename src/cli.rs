@@ -42,6 +42,17 @@ enum Command {
         /// statistics (inference semantics). Prints a warning.
         #[arg(long)]
         allow_training: bool,
+        /// Check every fused block against its original subgraph on random inputs before
+        /// writing, with an evaluator independent of the fold (the default).
+        #[arg(long, overrides_with = "no_verify")]
+        verify: bool,
+        /// Skip the numerical check.
+        #[arg(long, overrides_with = "verify")]
+        no_verify: bool,
+        /// Largest accepted relative deviation of a fused block (default: 1e-5 for float32
+        /// weights, 1e-2 float16, 5e-2 bfloat16, 1e-9 float64).
+        #[arg(long, value_name = "REL", value_parser = positive_float)]
+        tolerance: Option<f64>,
     },
     /// List the blocks of IN: channels, stride, groups, branches, and whether each can be folded.
     Inspect {
@@ -62,9 +73,14 @@ pub fn run(args: Args) -> Result<()> {
             output,
             verbose,
             allow_training,
+            verify: _,
+            no_verify,
+            tolerance,
         } => {
             let options = Options {
                 allow_training_bn: allow_training,
+                verify: !no_verify,
+                tolerance,
             };
             let report = onnx_repvgg::fuse_file(&input, &output, options)?;
             if report.training_bn_folded > 0 {
@@ -83,12 +99,20 @@ pub fn run(args: Args) -> Result<()> {
         } => {
             let options = Options {
                 allow_training_bn: allow_training,
+                ..Options::default()
             };
             let report = onnx_repvgg::inspect_file(&input, options)?;
             print_inspect(&mut out, &report);
         }
     }
     emit(&out)
+}
+
+fn positive_float(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number")),
+    }
 }
 
 /// Writes the results to stdout; a closed pipe (`| head`) is not an error.
@@ -106,13 +130,21 @@ fn emit(text: &str) -> Result<()> {
 fn print_fuse(out: &mut String, r: &FuseReport, verbose: bool) {
     let _ = writeln!(
         out,
-        "fused {} blocks ({} without identity): {} → {} nodes, {} → {} parameters, {:.1} ms",
+        "fused {} blocks ({} without identity): {} → {} nodes, {} → {} parameters, {}{:.1} ms",
         r.fused.len(),
         r.fused_without_identity(),
         r.nodes_before,
         r.nodes_after,
         r.params_before,
         r.params_after,
+        match r.worst() {
+            Some(b) => format!(
+                "verified (worst {:.1e} relative, {}), ",
+                b.deviation.map_or(0.0, |d| d.rel),
+                b.name
+            ),
+            None => String::new(),
+        },
         r.elapsed.as_secs_f64() * 1e3
     );
     let rounding = r
@@ -186,9 +218,10 @@ fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, last: &str
                 b.groups.to_string(),
                 shape(b),
                 if b.has_identity() { "yes" } else { "none" }.into(),
-                match &b.reason {
-                    None => yes.into(),
-                    Some(r) => format!("no: {r}"),
+                match (&b.reason, b.deviation) {
+                    (None, Some(d)) => format!("{yes}, verified {:.1e}", d.rel),
+                    (None, None) => yes.into(),
+                    (Some(r), _) => format!("no: {r}"),
                 },
             ]
         })

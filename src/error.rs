@@ -35,6 +35,9 @@ pub enum Error {
     /// The output path is not usable.
     #[error("{}: {reason}", path.display())]
     Output { path: PathBuf, reason: String },
+    /// A fused block failed its numerical check (nothing was written).
+    #[error("block '{block}' failed verification: {reason}")]
+    Verify { block: String, reason: String },
     /// An error about one input file, with the file named.
     #[error("{}: {error}", path.display())]
     InFile { path: PathBuf, error: Box<Error> },

@@ -27,6 +27,7 @@ pub mod plan;
 pub mod report;
 pub mod rewrite;
 pub mod tensor;
+pub mod verify;
 
 use std::path::Path;
 use std::time::Instant;
@@ -38,13 +39,28 @@ use graph::GraphIndex;
 use onnx::Model;
 use onnx::splice::{DataLayout, PROTOBUF_LIMIT, Spliced};
 
-/// What may be folded.
-#[derive(Debug, Clone, Copy, Default)]
+/// What may be folded, and how it is checked.
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Fold BatchNormalization nodes exported in training mode, using their running statistics
     /// (inference semantics). Off by default: such exports usually come from a model that was
     /// not put in eval mode, and the export updated its statistics.
     pub allow_training_bn: bool,
+    /// Check every fused block numerically against its original subgraph before writing
+    /// (see [`verify`]).
+    pub verify: bool,
+    /// Largest accepted relative deviation; by default it depends on the weights' type.
+    pub tolerance: Option<f64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            allow_training_bn: false,
+            verify: true,
+            tolerance: None,
+        }
+    }
 }
 
 impl Options {
@@ -67,6 +83,14 @@ pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseRe
     let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
     let analysis = plan::analyse(&index, options.fold()).map_err(|e| e.in_file(input))?;
     let patch = rewrite::build(&index, &analysis.plans);
+    let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
+    if options.verify {
+        let deviations = verify::check_plans(&index, &analysis.plans, &patch, options.tolerance)
+            .map_err(|e| e.in_file(input))?;
+        for (info, d) in fused.iter_mut().zip(deviations) {
+            info.deviation = Some(d);
+        }
+    }
     let mut layout = if model.has_external_data() {
         DataLayout::Sidecar {
             location: location.clone(),
@@ -112,7 +136,7 @@ pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseRe
     );
     let params_added = params(&mut patch.new_initializers.iter());
     Ok(FuseReport {
-        fused: analysis.plans.iter().map(|p| p.info.clone()).collect(),
+        fused,
         skipped: analysis.skipped.clone(),
         nodes_before: model.nodes.len(),
         nodes_after: model.nodes.len() - patch.removed_nodes.len(),

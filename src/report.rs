@@ -29,6 +29,8 @@ pub struct BlockInfo {
     /// For float16/bfloat16 weights: the largest change rounding the f64 fold to that type made,
     /// relative to the largest weight.
     pub rounding_error: Option<f64>,
+    /// How far the fused Conv is from the original subgraph, when verified.
+    pub deviation: Option<crate::verify::Deviation>,
 }
 
 impl BlockInfo {
@@ -53,6 +55,7 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
         fusable: true,
         reason: None,
         rounding_error: None,
+        deviation: None,
     };
     if let Some(&conv) = block.convs().first() {
         let node = index.node(conv);
@@ -169,6 +172,17 @@ pub struct FuseReport {
 }
 
 impl FuseReport {
+    /// The verified block that deviates most, if any was verified.
+    pub fn worst(&self) -> Option<&BlockInfo> {
+        self.fused
+            .iter()
+            .filter(|b| b.deviation.is_some())
+            .max_by(|a, b| {
+                let rel = |x: &BlockInfo| x.deviation.map_or(0.0, |d| d.rel);
+                rel(a).total_cmp(&rel(b))
+            })
+    }
+
     /// Fused blocks that had no identity branch.
     pub fn fused_without_identity(&self) -> usize {
         self.fused.iter().filter(|b| !b.has_identity()).count()

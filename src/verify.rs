@@ -1,0 +1,628 @@
+//! Proof by evaluation: every fused block is checked numerically before anything is written.
+//! The *original* subgraph is run node by node from the block's input to its output — following
+//! the graph's own edges and each operator's ONNX definition (Conv, BatchNormalization, Add, Sub,
+//! Sum, Mul, Div, AveragePool, Identity and constant subgraphs) — and compared with the new Conv
+//! run on the weights exactly as written. Nothing here uses the fold algebra: the reference is a
+//! direct convolution over an index table, in f64.
+//!
+//! To stay cheap on wide blocks, the comparison covers a seeded sample of output channels (all of
+//! them up to [`CHANNELS`]) over every input channel, on a seeded random input as wide as the
+//! kernel, so that every tap meets both padding and data.
+
+use std::collections::HashMap;
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use crate::graph::{GraphIndex, is_default_domain};
+use crate::onnx::attr;
+use crate::onnx::proto::{NodeProto, TensorProto};
+use crate::tensor::{self, FloatType};
+
+/// Output channels compared per block (all of them when there are no more).
+pub const CHANNELS: usize = 64;
+
+/// Default relative tolerance for weights of element type `ty` (of the largest reference value).
+pub fn default_tolerance(ty: FloatType) -> f64 {
+    match ty {
+        FloatType::F64 => 1e-9,
+        FloatType::F32 => 1e-5,
+        FloatType::F16 => 1e-2,
+        FloatType::Bf16 => 5e-2,
+    }
+}
+
+/// How far a fused block is from its original subgraph.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Deviation {
+    /// Largest absolute difference.
+    pub abs: f64,
+    /// `abs` over the largest absolute reference value.
+    pub rel: f64,
+}
+
+/// The fused Conv of a block, as it will be written.
+pub struct FusedConv<'a> {
+    pub node: &'a NodeProto,
+    pub weight: &'a TensorProto,
+    pub bias: &'a TensorProto,
+}
+
+/// An activation: `[1, channels, spatial…]`, where `channels` lists which of the tensor's
+/// channels are held (`None`: all of them).
+#[derive(Debug, Clone)]
+struct Act {
+    data: ArrayD<f64>,
+    channels: Option<Vec<usize>>,
+}
+
+/// Runs the original subgraph producing the block's output and the fused Conv on the same input;
+/// `Err` says why the reference could not run.
+pub fn check_block(
+    index: &GraphIndex,
+    input: &str,
+    output: &str,
+    fused: &FusedConv,
+    seed: u64,
+) -> Result<Deviation, String> {
+    let dims: Vec<usize> = fused
+        .weight
+        .dims
+        .iter()
+        .map(|&d| d.max(0) as usize)
+        .collect();
+    if dims.len() < 3 {
+        return Err("the fused weight has fewer than 3 dims".into());
+    }
+    let (out_channels, per_group) = (dims[0], dims[1]);
+    let group = attr::int(fused.node, "group").unwrap_or(1).max(1) as usize;
+    let kernel = &dims[2..];
+    let dilations = ints_or(fused.node, "dilations", 1, kernel.len());
+    // As wide as the dilated kernel: with padding, every output position sees a different mix
+    // of border and data (corners, edges, centre).
+    let spatial: Vec<usize> = (0..kernel.len())
+        .map(|a| dilations[a] * (kernel[a] - 1) + 1)
+        .collect();
+    let mut shape = vec![1, per_group * group];
+    shape.extend(&spatial);
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let x = ArrayD::from_shape_fn(IxDyn(&shape), |_| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    });
+    let sample = sample_channels(out_channels, seed);
+    let external = &index.model.external;
+    let w = tensor::read_f64_rows(fused.weight, external, &sample).map_err(|e| e.to_string())?;
+    let b = tensor::read_f64(fused.bias, external).map_err(|e| e.to_string())?;
+    let mut reference = Reference {
+        index,
+        input,
+        x: Act {
+            data: x.clone(),
+            channels: None,
+        },
+        sample: &sample,
+        memo: HashMap::new(),
+    };
+    let want = reference.value(output, 0)?;
+    let want = select(&want, &sample)?;
+    let got = conv(fused.node, &x, &w, out_channels, Some(&b), &sample)?;
+    if want.shape() != got.shape() {
+        return Err(format!(
+            "the original computes shape {:?}, the fused Conv {:?}",
+            want.shape(),
+            got.shape()
+        ));
+    }
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let abs = want
+        .iter()
+        .zip(got.iter())
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    Ok(Deviation {
+        abs,
+        rel: if scale > 0.0 { abs / scale } else { abs },
+    })
+}
+
+fn ints_or(node: &NodeProto, name: &str, default: usize, rank: usize) -> Vec<usize> {
+    attr::ints(node, name)
+        .map(|v| v.iter().map(|&x| x.max(0) as usize).collect())
+        .unwrap_or_else(|| vec![default; rank])
+}
+
+/// Up to [`CHANNELS`] output channels, spread over all of them, the same for the same seed.
+fn sample_channels(n: usize, seed: u64) -> Vec<usize> {
+    if n <= CHANNELS {
+        return (0..n).collect();
+    }
+    let mut picked: Vec<usize> = (0..CHANNELS)
+        .map(|i| (i * n / CHANNELS + (seed as usize % (n / CHANNELS).max(1))) % n)
+        .collect();
+    picked.sort_unstable();
+    picked.dedup();
+    picked
+}
+
+/// The activation holding exactly `channels` (of a full tensor or a superset).
+fn select(a: &Act, channels: &[usize]) -> Result<ArrayD<f64>, String> {
+    let positions: Vec<usize> = match &a.channels {
+        None => channels.to_vec(),
+        Some(held) => channels
+            .iter()
+            .map(|c| held.iter().position(|h| h == c))
+            .collect::<Option<_>>()
+            .ok_or("a channel the check needs was not computed")?,
+    };
+    if positions.iter().any(|&p| p >= a.data.shape()[1]) {
+        return Err("channel out of range".into());
+    }
+    Ok(a.data.select(Axis(1), &positions))
+}
+
+struct Reference<'a, 'm> {
+    index: &'a GraphIndex<'m>,
+    input: &'a str,
+    x: Act,
+    sample: &'a [usize],
+    memo: HashMap<String, Act>,
+}
+
+impl Reference<'_, '_> {
+    /// The activation `name`, computed from the block input through the graph's own nodes.
+    fn value(&mut self, name: &str, depth: usize) -> Result<Act, String> {
+        if name == self.input {
+            return Ok(self.x.clone());
+        }
+        if let Some(a) = self.memo.get(name) {
+            return Ok(a.clone());
+        }
+        if depth > 256 {
+            return Err("the block is deeper than the check follows".into());
+        }
+        let index = self.index;
+        let p = index
+            .producer(name)
+            .ok_or_else(|| format!("'{name}' is neither the block input nor computed"))?;
+        let node = index.node(p);
+        if !is_default_domain(node) {
+            return Err(format!("node '{}' is not a standard operator", node.name()));
+        }
+        let result = self.apply(node, depth)?;
+        self.memo.insert(name.to_string(), result.clone());
+        Ok(result)
+    }
+
+    fn constant(&self, name: &str) -> Result<ArrayD<f64>, String> {
+        let t = self
+            .index
+            .constant(name)
+            .ok_or_else(|| format!("'{name}' is not a constant"))?;
+        tensor::read_f64(&t, &self.index.model.external).map_err(|e| e.to_string())
+    }
+
+    /// Whether `name` is an activation (depends on the block input) rather than a constant.
+    fn is_activation(&self, name: &str) -> bool {
+        name == self.input || self.index.constant(name).is_none()
+    }
+
+    fn apply(&mut self, node: &NodeProto, depth: usize) -> Result<Act, String> {
+        let input = |i: usize| node.input.get(i).map(String::as_str).unwrap_or("");
+        match node.op_type() {
+            "Identity" => self.value(input(0), depth + 1),
+            "Conv" => {
+                let x = self.value(input(0), depth + 1)?;
+                if x.channels.is_some() {
+                    return Err(format!("Conv '{}' reads a partial tensor", node.name()));
+                }
+                let sample = self.sample.to_vec();
+                let weight = self
+                    .index
+                    .constant(input(1))
+                    .ok_or_else(|| format!("weight '{}' is not a constant", input(1)))?;
+                let out_channels = weight.dims.first().map_or(0, |&d| d.max(0) as usize);
+                let w = tensor::read_f64_rows(&weight, &self.index.model.external, &sample)
+                    .map_err(|e| e.to_string())?;
+                let b = match input(2) {
+                    "" => None,
+                    name => Some(self.constant(name)?),
+                };
+                let data = conv(node, &x.data, &w, out_channels, b.as_ref(), &sample)?;
+                Ok(Act {
+                    data,
+                    channels: Some(sample),
+                })
+            }
+            "BatchNormalization" => {
+                let x = self.value(input(0), depth + 1)?;
+                let [gamma, beta, mean, var] = [1, 2, 3, 4].map(|i| {
+                    self.constant(input(i))
+                        .map(|a| a.iter().copied().collect::<Vec<f64>>())
+                });
+                let (gamma, beta, mean, var) = (gamma?, beta?, mean?, var?);
+                let eps = attr::float(node, "epsilon").unwrap_or(1e-5) as f64;
+                per_channel(x, |c, v| {
+                    let (g, b, m, s) = (gamma.get(c)?, beta.get(c)?, mean.get(c)?, var.get(c)?);
+                    Some(g * (v - m) / (s + eps).sqrt() + b)
+                })
+            }
+            op @ ("Add" | "Sub" | "Mul" | "Div") => {
+                let f = |a: f64, b: f64| match op {
+                    "Add" => a + b,
+                    "Sub" => a - b,
+                    "Mul" => a * b,
+                    _ => a / b,
+                };
+                self.binary(input(0), input(1), depth, f)
+            }
+            "Sum" => {
+                let mut acc = self.value(input(0), depth + 1)?;
+                for i in 1..node.input.len() {
+                    let next = self.value(input(i), depth + 1)?;
+                    acc = combine(&acc, &next, |a, b| a + b)?;
+                }
+                Ok(acc)
+            }
+            "AveragePool" => {
+                let x = self.value(input(0), depth + 1)?;
+                average_pool(node, x, self.sample)
+            }
+            op => Err(format!(
+                "the check does not evaluate {op} ('{}')",
+                node.name()
+            )),
+        }
+    }
+
+    /// An elementwise op of two inputs, either of which may be a constant broadcast per channel.
+    fn binary(
+        &mut self,
+        a: &str,
+        b: &str,
+        depth: usize,
+        f: impl Fn(f64, f64) -> f64,
+    ) -> Result<Act, String> {
+        match (self.is_activation(a), self.is_activation(b)) {
+            (true, true) => {
+                let (x, y) = (self.value(a, depth + 1)?, self.value(b, depth + 1)?);
+                combine(&x, &y, f)
+            }
+            (true, false) => {
+                let (x, k) = (self.value(a, depth + 1)?, self.constant(b)?);
+                with_constant(x, &k, &f)
+            }
+            (false, true) => {
+                let (k, y) = (self.constant(a)?, self.value(b, depth + 1)?);
+                with_constant(y, &k, |v, c| f(c, v))
+            }
+            (false, false) => Err("an op of two constants inside the block".into()),
+        }
+    }
+}
+
+/// Applies `f(channel, value)` to every element.
+fn per_channel(mut x: Act, f: impl Fn(usize, f64) -> Option<f64>) -> Result<Act, String> {
+    let channels: Vec<usize> = match &x.channels {
+        Some(c) => c.clone(),
+        None => (0..x.data.shape()[1]).collect(),
+    };
+    for (pos, mut plane) in x.data.axis_iter_mut(Axis(1)).enumerate() {
+        let c = channels[pos];
+        for v in plane.iter_mut() {
+            *v = f(c, *v).ok_or("a per-channel parameter is too short")?;
+        }
+    }
+    Ok(x)
+}
+
+/// `f(activation, constant)` with the constant broadcast as ONNX does, on the held channels.
+fn with_constant(x: Act, k: &ArrayD<f64>, f: impl Fn(f64, f64) -> f64) -> Result<Act, String> {
+    let rank = x.data.ndim();
+    if k.ndim() > rank {
+        return Err("a constant of higher rank than the activation".into());
+    }
+    let mut dims = vec![1; rank - k.ndim()];
+    dims.extend(k.shape());
+    let k = k
+        .to_shape(IxDyn(&dims))
+        .map_err(|e| e.to_string())?
+        .to_owned();
+    let k = match (&x.channels, k.shape()[1]) {
+        (Some(held), n) if n > 1 => k.select(Axis(1), held),
+        _ => k,
+    };
+    let kb = k
+        .broadcast(x.data.raw_dim())
+        .ok_or("a constant that does not broadcast")?
+        .to_owned();
+    let data = ndarray::Zip::from(&x.data)
+        .and(&kb)
+        .map_collect(|&a, &b| f(a, b));
+    Ok(Act {
+        data,
+        channels: x.channels,
+    })
+}
+
+/// `f` elementwise on two activations, restricted to the channels both hold.
+fn combine(a: &Act, b: &Act, f: impl Fn(f64, f64) -> f64) -> Result<Act, String> {
+    let channels = match (&a.channels, &b.channels) {
+        (None, None) => None,
+        (Some(c), _) | (None, Some(c)) => Some(c.clone()),
+    };
+    let (x, y) = match &channels {
+        None => (a.data.clone(), b.data.clone()),
+        Some(c) => (select(a, c)?, select(b, c)?),
+    };
+    if x.shape() != y.shape() {
+        return Err(format!(
+            "summands of shapes {:?} and {:?}",
+            x.shape(),
+            y.shape()
+        ));
+    }
+    Ok(Act {
+        data: ndarray::Zip::from(&x).and(&y).map_collect(|&p, &q| f(p, q)),
+        channels,
+    })
+}
+
+/// Begin and end pads of a Conv/AveragePool on an input of `spatial` size.
+fn pads(
+    node: &NodeProto,
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+    spatial: &[usize],
+) -> Result<(Vec<usize>, Vec<usize>), String> {
+    let rank = kernel.len();
+    let auto_pad = attr::string(node, "auto_pad").unwrap_or_default();
+    match auto_pad.as_str() {
+        "" | "NOTSET" => {
+            let p = ints_or(node, "pads", 0, 2 * rank);
+            if p.len() != 2 * rank {
+                return Err("pads of the wrong length".into());
+            }
+            Ok((p[..rank].to_vec(), p[rank..].to_vec()))
+        }
+        "VALID" => Ok((vec![0; rank], vec![0; rank])),
+        same @ ("SAME_UPPER" | "SAME_LOWER") => {
+            let (mut begin, mut end) = (vec![0; rank], vec![0; rank]);
+            for a in 0..rank {
+                let out = spatial[a].div_ceil(strides[a]);
+                let need = (out - 1) * strides[a] + dilations[a] * (kernel[a] - 1) + 1;
+                let total = need.saturating_sub(spatial[a]);
+                let (small, large) = (total / 2, total - total / 2);
+                (begin[a], end[a]) = if same == "SAME_UPPER" {
+                    (small, large)
+                } else {
+                    (large, small)
+                };
+            }
+            Ok((begin, end))
+        }
+        other => Err(format!("auto_pad '{other}'")),
+    }
+}
+
+/// For each output position and kernel tap, the flat input position it reads (`None`: padding).
+type TapTable = Vec<Vec<Option<usize>>>;
+
+/// The [`TapTable`] of a convolution or pooling, and the output's spatial shape.
+fn taps(
+    spatial: &[usize],
+    kernel: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+    begin: &[usize],
+    end: &[usize],
+) -> Result<(TapTable, Vec<usize>), String> {
+    let rank = spatial.len();
+    let mut out_shape = Vec::with_capacity(rank);
+    for a in 0..rank {
+        let padded = spatial[a] + begin[a] + end[a];
+        let extent = dilations[a] * (kernel[a] - 1) + 1;
+        if padded < extent || strides[a] == 0 {
+            return Err("the kernel is larger than the padded input".into());
+        }
+        out_shape.push((padded - extent) / strides[a] + 1);
+    }
+    let positions: usize = out_shape.iter().product();
+    let tap_count: usize = kernel.iter().product();
+    let mut table = Vec::with_capacity(positions);
+    for pos in 0..positions {
+        let out_idx = unravel(pos, &out_shape);
+        let mut row = Vec::with_capacity(tap_count);
+        for tap in 0..tap_count {
+            let k_idx = unravel(tap, kernel);
+            let mut flat = 0usize;
+            let mut inside = true;
+            for a in 0..rank {
+                let i =
+                    (out_idx[a] * strides[a] + k_idx[a] * dilations[a]) as i64 - begin[a] as i64;
+                if i < 0 || i >= spatial[a] as i64 {
+                    inside = false;
+                    break;
+                }
+                flat = flat * spatial[a] + i as usize;
+            }
+            row.push(inside.then_some(flat));
+        }
+        table.push(row);
+    }
+    Ok((table, out_shape))
+}
+
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for a in (0..shape.len()).rev() {
+        idx[a] = i % shape[a];
+        i /= shape[a];
+    }
+    idx
+}
+
+/// Direct convolution (ONNX Conv) of `x` `[1, C, spatial…]` for the output channels `outs` of a
+/// weight with `o` output channels; `w` holds just those rows, in that order.
+fn conv(
+    node: &NodeProto,
+    x: &ArrayD<f64>,
+    w: &ArrayD<f64>,
+    o: usize,
+    b: Option<&ArrayD<f64>>,
+    outs: &[usize],
+) -> Result<ArrayD<f64>, String> {
+    if w.ndim() < 3 || x.ndim() != w.ndim() {
+        return Err("weight and input ranks disagree".into());
+    }
+    let kernel = &w.shape()[2..];
+    let rank = kernel.len();
+    let spatial = &x.shape()[2..];
+    let group = attr::int(node, "group").unwrap_or(1).max(1) as usize;
+    let per_group = w.shape()[1];
+    if w.shape()[0] != outs.len() || x.shape()[1] != per_group * group || !o.is_multiple_of(group) {
+        return Err(format!(
+            "Conv '{}': channels do not match its groups",
+            node.name()
+        ));
+    }
+    let strides = ints_or(node, "strides", 1, rank);
+    let dilations = ints_or(node, "dilations", 1, rank);
+    let (begin, end) = pads(node, kernel, &strides, &dilations, spatial)?;
+    let (table, out_shape) = taps(spatial, kernel, &strides, &dilations, &begin, &end)?;
+    let x_flat = x
+        .to_shape(IxDyn(&[x.shape()[1], spatial.iter().product()]))
+        .map_err(|e| e.to_string())?;
+    let tap_count: usize = kernel.iter().product();
+    let w_flat = w
+        .to_shape(IxDyn(&[outs.len(), per_group, tap_count]))
+        .map_err(|e| e.to_string())?;
+    let mut shape = vec![1, outs.len()];
+    shape.extend(&out_shape);
+    let mut y = ArrayD::zeros(IxDyn(&[outs.len(), table.len()]));
+    for (row, &oc) in outs.iter().enumerate() {
+        if oc >= o {
+            return Err("output channel out of range".into());
+        }
+        let first_input = oc / (o / group) * per_group;
+        for (pos, taps) in table.iter().enumerate() {
+            let mut acc = b.map_or(0.0, |b| b[[oc]]);
+            for ic in 0..per_group {
+                for (t, tap) in taps.iter().enumerate() {
+                    if let Some(flat) = tap {
+                        acc += w_flat[[row, ic, t]] * x_flat[[first_input + ic, *flat]];
+                    }
+                }
+            }
+            y[[row, pos]] = acc;
+        }
+    }
+    y.into_shape_with_order(IxDyn(&shape))
+        .map_err(|e| e.to_string())
+}
+
+/// ONNX AveragePool of the channels `outs` of `x` (or of those it holds).
+fn average_pool(node: &NodeProto, x: Act, outs: &[usize]) -> Result<Act, String> {
+    let kernel: Vec<usize> = attr::ints(node, "kernel_shape")
+        .ok_or("AveragePool without kernel_shape")?
+        .iter()
+        .map(|&k| k.max(1) as usize)
+        .collect();
+    let rank = kernel.len();
+    let spatial = x.data.shape()[2..].to_vec();
+    let strides = ints_or(node, "strides", 1, rank);
+    let dilations = ints_or(node, "dilations", 1, rank);
+    let (begin, end) = pads(node, &kernel, &strides, &dilations, &spatial)?;
+    let (table, out_shape) = taps(&spatial, &kernel, &strides, &dilations, &begin, &end)?;
+    let include_pad = attr::int(node, "count_include_pad").unwrap_or(0) == 1;
+    let channels: Vec<usize> = match &x.channels {
+        Some(held) => held.clone(),
+        None => outs.to_vec(),
+    };
+    let data = select(&x, &channels)?;
+    let flat = data
+        .to_shape(IxDyn(&[channels.len(), spatial.iter().product()]))
+        .map_err(|e| e.to_string())?;
+    let mut y = ArrayD::zeros(IxDyn(&[channels.len(), table.len()]));
+    for c in 0..channels.len() {
+        for (pos, taps) in table.iter().enumerate() {
+            let inside: Vec<usize> = taps.iter().flatten().copied().collect();
+            let divisor = if include_pad {
+                taps.len()
+            } else {
+                inside.len().max(1)
+            };
+            y[[c, pos]] = inside.iter().map(|&i| flat[[c, i]]).sum::<f64>() / divisor as f64;
+        }
+    }
+    let mut shape = vec![1, channels.len()];
+    shape.extend(&out_shape);
+    Ok(Act {
+        data: y
+            .into_shape_with_order(IxDyn(&shape))
+            .map_err(|e| e.to_string())?,
+        channels: Some(channels),
+    })
+}
+
+/// Checks every planned block against its fused Conv in `patch`; the deviations, in plan order.
+pub fn check_plans(
+    index: &GraphIndex,
+    plans: &[crate::plan::BlockPlan],
+    patch: &crate::rewrite::Patch,
+    tolerance: Option<f64>,
+) -> crate::Result<Vec<Deviation>> {
+    let tensors: HashMap<&str, &TensorProto> = patch
+        .new_initializers
+        .iter()
+        .map(|t| (t.name(), t))
+        .collect();
+    let mut deviations = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let fail = |reason: String| crate::Error::Verify {
+            block: plan.info.name.clone(),
+            reason,
+        };
+        let node = patch
+            .replaced
+            .get(&plan.block.root)
+            .ok_or_else(|| fail("no fused Conv".into()))?;
+        let find = |i: usize| {
+            node.input
+                .get(i)
+                .and_then(|n| tensors.get(n.as_str()).copied())
+                .ok_or_else(|| fail("fused tensors missing".into()))
+        };
+        let fused = FusedConv {
+            node,
+            weight: find(1)?,
+            bias: find(2)?,
+        };
+        let seed = plan
+            .info
+            .name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+        let deviation = check_block(
+            index,
+            &plan.block.input,
+            plan.block.output(index),
+            &fused,
+            seed,
+        )
+        .map_err(|e| fail(format!("the original could not be evaluated: {e}")))?;
+        let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.folded.dtype));
+        if deviation.rel.is_nan() || deviation.rel > limit {
+            return Err(fail(format!(
+                "the fused Conv differs from the original by {:.3e} relative ({:.3e} absolute), \
+                 over the tolerance {limit:.1e}",
+                deviation.rel, deviation.abs
+            )));
+        }
+        deviations.push(deviation);
+    }
+    Ok(deviations)
+}

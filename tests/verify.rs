@@ -1,0 +1,100 @@
+//! `--verify`: each fused block is checked against its original subgraph by an evaluator that
+//! shares nothing with the fold. A deliberately corrupted fold must be caught, and a failed
+//! check must leave nothing on disk.
+
+mod common;
+
+use common::*;
+use onnx_repvgg::graph::GraphIndex;
+use onnx_repvgg::onnx::Model;
+use onnx_repvgg::{plan, rewrite, verify};
+
+fn planned(path: &std::path::Path) -> (Model, Vec<plan::BlockPlan>) {
+    let model = Model::open(path).unwrap();
+    let plans = {
+        let index = GraphIndex::new(&model).unwrap();
+        plan::analyse(&index, Default::default()).unwrap().plans
+    };
+    (model, plans)
+}
+
+#[test]
+fn correct_folds_pass_and_corrupted_ones_are_caught() {
+    for form in ["ts_fold_op17", "ts_nofold_op17", "dynamo_op18"] {
+        let (model, plans) = planned(&testdata().join(format!("models/grouped/{form}.onnx")));
+        let index = GraphIndex::new(&model).unwrap();
+        let mut patch = rewrite::build(&index, &plans);
+        let deviations = verify::check_plans(&index, &plans, &patch, None).unwrap();
+        assert_eq!(deviations.len(), 8);
+        assert!(deviations.iter().all(|d| d.rel < 1e-6), "{deviations:?}");
+
+        // Corrupt one weight of the fourth block (32 output channels, all of them checked).
+        let weight = &mut patch.new_initializers[6];
+        assert!(
+            weight.name().starts_with(&plans[3].node_name),
+            "{}",
+            weight.name()
+        );
+        let mut raw = weight.raw_data.clone().unwrap().to_vec();
+        let v = f32::from_le_bytes(raw[0..4].try_into().unwrap());
+        raw[0..4].copy_from_slice(&(v + 0.01).to_le_bytes());
+        weight.raw_data = Some(raw.into());
+        let err = verify::check_plans(&index, &plans, &patch, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "block '{}' failed verification",
+                plans[3].info.name
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_failed_check_exits_1_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let input = testdata().join("models/tiny/ts_nofold_op17.onnx");
+    let run = fuse(&input, &out, &["--tolerance", "1e-15"]);
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("failed verification") && stderr.contains("over the tolerance 1.0e-15"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let run = fuse(&input, &out, &["--tolerance", "1e-15", "--no-verify"]);
+    assert!(run.status.success());
+}
+
+#[test]
+fn every_fixture_verifies_within_the_default_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = fixtures();
+    all.extend(fixtures_in(&testdata().join("families")));
+    let mut verified = 0;
+    for fx in all
+        .iter()
+        .filter(|f| !f.deploy_structure && f.expect != "refused: training")
+    {
+        let out = dir.path().join("out.onnx");
+        let run = fuse(&fx.path, &out, &["-v"]);
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "{}: {}",
+            fx.label(),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        if !stdout.starts_with("fused 0 ") {
+            assert!(
+                stdout.lines().next().unwrap().contains("verified (worst "),
+                "{stdout}"
+            );
+            verified += 1;
+        }
+    }
+    assert!(verified >= 75, "{verified}");
+}
