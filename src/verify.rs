@@ -491,13 +491,12 @@ fn conv(
     let dilations = ints_or(node, "dilations", 1, rank);
     let (begin, end) = pads(node, kernel, &strides, &dilations, spatial)?;
     let (table, out_shape) = taps(spatial, kernel, &strides, &dilations, &begin, &end)?;
-    let x_flat = x
-        .to_shape(IxDyn(&[x.shape()[1], spatial.iter().product()]))
-        .map_err(|e| e.to_string())?;
+    let plane: usize = spatial.iter().product();
     let tap_count: usize = kernel.iter().product();
-    let w_flat = w
-        .to_shape(IxDyn(&[outs.len(), per_group, tap_count]))
-        .map_err(|e| e.to_string())?;
+    let x_std = x.as_standard_layout();
+    let x_flat = x_std.as_slice().ok_or("input not contiguous")?;
+    let w_std = w.as_standard_layout();
+    let w_flat = w_std.as_slice().ok_or("weight not contiguous")?;
     let mut shape = vec![1, outs.len()];
     shape.extend(&out_shape);
     let mut y = ArrayD::zeros(IxDyn(&[outs.len(), table.len()]));
@@ -509,9 +508,11 @@ fn conv(
         for (pos, taps) in table.iter().enumerate() {
             let mut acc = b.map_or(0.0, |b| b[[oc]]);
             for ic in 0..per_group {
-                for (t, tap) in taps.iter().enumerate() {
+                let weights = &w_flat[(row * per_group + ic) * tap_count..][..tap_count];
+                let input = &x_flat[(first_input + ic) * plane..][..plane];
+                for (weight, tap) in weights.iter().zip(taps) {
                     if let Some(flat) = tap {
-                        acc += w_flat[[row, ic, t]] * x_flat[[first_input + ic, *flat]];
+                        acc += weight * input[*flat];
                     }
                 }
             }
