@@ -26,17 +26,7 @@ fn summary_fused(stdout: &str) -> usize {
 /// where tract cannot run the original, the fused model with PyTorch's output alone).
 fn compare(fx: &Fixture, fused: &Path) -> Result<String, String> {
     let input = load_tensor(&fx.input);
-    let expected: Vec<f64> = {
-        let t = load_tensor(&fx.output)
-            .cast_to::<f64>()
-            .unwrap()
-            .into_owned();
-        t.to_plain_array_view::<f64>()
-            .unwrap()
-            .iter()
-            .copied()
-            .collect()
-    };
+    let expected = load_values(&fx.output);
     let folded = try_run_tract(fused, &input, None).map_err(|e| format!("{}: {e}", fx.label()))?;
     let vs_torch = relative_error(&expected, &folded[0]);
     let note = match try_run_tract(&fx.path, &input, None) {

@@ -77,17 +77,7 @@ fn fusable_exports_become_the_deploy_structure_and_keep_their_outputs() {
             checked += 1;
             continue;
         }
-        let expected: Vec<f64> = {
-            let t = load_tensor(&fx.output)
-                .cast_to::<f64>()
-                .unwrap()
-                .into_owned();
-            t.to_plain_array_view::<f64>()
-                .unwrap()
-                .iter()
-                .copied()
-                .collect()
-        };
+        let expected = load_values(&fx.output);
         let original = run_tract(&fx.path, &input);
         let folded = run_tract(&out, &input);
         let vs_torch = relative_error(&expected, &folded[0]);

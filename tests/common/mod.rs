@@ -147,6 +147,16 @@ pub fn load_tensor(path: &Path) -> Tensor {
         .expect("load tensor")
 }
 
+/// A stored tensor's values as f64.
+pub fn load_values(path: &Path) -> Vec<f64> {
+    let t = load_tensor(path).cast_to::<f64>().unwrap().into_owned();
+    t.to_plain_array_view::<f64>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}
+
 /// The value feeding the classifier head (the input of the first pooling node): the output of
 /// the last block.
 pub fn backbone_output(path: &Path) -> String {
