@@ -3,6 +3,10 @@
 //! a BatchNormalization after a conv is a per-channel scale and shift; an identity branch is a
 //! 1-tap kernel with ones on the (grouped) diagonal; a sum of branches embeds every kernel into
 //! one that covers them all, at the offset their pads dictate. All arithmetic is in f64.
+//!
+//! A [`Layout`] is the same thing without the numbers (channels, kernel, geometry): planning
+//! uses it to know every fused tensor's size before computing any, so that the output can be
+//! streamed.
 
 use std::fmt;
 
@@ -110,6 +114,191 @@ impl fmt::Display for AlgebraError {
     }
 }
 
+/// The shape of an affine convolution: `[out_channels, in_per_group, kernel…]` and geometry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub out_channels: usize,
+    pub in_per_group: usize,
+    pub kernel: Vec<usize>,
+    pub geometry: Geometry,
+}
+
+impl Layout {
+    /// Input channels (C = C/group · group).
+    pub fn in_channels(&self) -> usize {
+        self.in_per_group * self.geometry.group
+    }
+
+    /// The weight's dims.
+    pub fn weight_dims(&self) -> Vec<usize> {
+        let mut dims = vec![self.out_channels, self.in_per_group];
+        dims.extend(&self.kernel);
+        dims
+    }
+
+    /// The identity on `channels` channels as a 1-tap convolution with `group` groups.
+    pub fn identity(channels: usize, group: usize, rank: usize) -> Layout {
+        Layout {
+            out_channels: channels,
+            in_per_group: channels / group.max(1),
+            kernel: vec![1; rank],
+            geometry: Geometry::unit(rank, group),
+        }
+    }
+
+    /// The layout after spreading taps to dilations `to` (see [`AffineConv::spread`]); 1-tap
+    /// axes just take `to`.
+    fn spread(&self, to: &[usize]) -> Layout {
+        let mut out = self.clone();
+        for (axis, &t) in to.iter().enumerate() {
+            let k = self.kernel[axis];
+            if k > 1 {
+                out.kernel[axis] = self.geometry.dilations[axis] / t * (k - 1) + 1;
+            }
+            out.geometry.dilations[axis] = t;
+        }
+        out
+    }
+
+    /// Per axis, the dilation every branch can be spread to: the greatest common divisor of the
+    /// dilations of the branches wider than one tap.
+    fn common_dilations(terms: &[Layout]) -> Vec<usize> {
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let rank = terms.first().map_or(0, |t| t.kernel.len());
+        (0..rank)
+            .map(|axis| {
+                terms
+                    .iter()
+                    .filter(|t| t.kernel[axis] > 1)
+                    .map(|t| t.geometry.dilations[axis].max(1))
+                    .fold(0, gcd)
+                    .max(1)
+            })
+            .collect()
+    }
+
+    /// The layout of the sum of `terms` (already spread to one dilation per axis) and where each
+    /// term's kernel sits in it.
+    fn sum_plan(terms: &[Layout]) -> Result<(Layout, Vec<Vec<usize>>), AlgebraError> {
+        let first = terms.first().ok_or(AlgebraError::Empty)?;
+        let rank = first.kernel.len();
+        for t in &terms[1..] {
+            check_compatible(first, t)?;
+        }
+        let mut target = Geometry {
+            strides: first.geometry.strides.clone(),
+            dilations: vec![1; rank],
+            pads_begin: vec![0; rank],
+            pads_end: vec![0; rank],
+            group: first.geometry.group,
+        };
+        let mut kernel = vec![0; rank];
+        let mut offsets = vec![vec![0; rank]; terms.len()];
+        for axis in 0..rank {
+            let d = terms
+                .iter()
+                .find(|t| t.kernel[axis] > 1)
+                .map_or(1, |t| t.geometry.dilations[axis].max(1));
+            let begin = terms
+                .iter()
+                .map(|t| t.geometry.pads_begin[axis])
+                .max()
+                .unwrap_or(0);
+            let extra = |t: &Layout| {
+                let g = &t.geometry;
+                (g.pads_begin[axis] + g.pads_end[axis]) as i64 - (d * (t.kernel[axis] - 1)) as i64
+            };
+            let e = extra(first);
+            for (i, t) in terms.iter().enumerate() {
+                if extra(t) != e {
+                    return Err(AlgebraError::OutputSize { axis });
+                }
+                let shift = begin - t.geometry.pads_begin[axis];
+                if shift % d != 0 {
+                    return Err(AlgebraError::Misaligned { axis });
+                }
+                offsets[i][axis] = shift / d;
+                kernel[axis] = kernel[axis].max(offsets[i][axis] + t.kernel[axis]);
+            }
+            target.dilations[axis] = d;
+            target.pads_begin[axis] = begin;
+            let end = e + (d * (kernel[axis] - 1)) as i64 - begin as i64;
+            target.pads_end[axis] =
+                usize::try_from(end).map_err(|_| AlgebraError::OutputSize { axis })?;
+        }
+        let layout = Layout {
+            out_channels: first.out_channels,
+            in_per_group: first.in_per_group,
+            kernel,
+            geometry: target,
+        };
+        Ok((layout, offsets))
+    }
+
+    /// The layout of the sum of `terms`.
+    pub fn sum(terms: &[Layout]) -> Result<Layout, AlgebraError> {
+        let common = Layout::common_dilations(terms);
+        let spread: Vec<Layout> = terms.iter().map(|t| t.spread(&common)).collect();
+        Layout::sum_plan(&spread).map(|(layout, _)| layout)
+    }
+
+    /// Checks a per-channel scale and shift against the layout.
+    pub fn check_channels(&self, scale: &[f64], shift: &[f64]) -> Result<(), AlgebraError> {
+        for got in [scale.len(), shift.len()] {
+            if got != self.out_channels {
+                return Err(AlgebraError::ChannelParams {
+                    expected: self.out_channels,
+                    got,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_compatible(a: &Layout, b: &Layout) -> Result<(), AlgebraError> {
+    let (ga, gb) = (&a.geometry, &b.geometry);
+    if ga.rank() != gb.rank() {
+        return Err(AlgebraError::Rank {
+            left: ga.rank(),
+            right: gb.rank(),
+        });
+    }
+    if ga.group != gb.group {
+        return Err(AlgebraError::Group {
+            left: ga.group,
+            right: gb.group,
+        });
+    }
+    if a.out_channels != b.out_channels {
+        return Err(AlgebraError::OutChannels {
+            left: a.out_channels,
+            right: b.out_channels,
+        });
+    }
+    if a.in_per_group != b.in_per_group {
+        return Err(AlgebraError::InChannels {
+            left: a.in_per_group,
+            right: b.in_per_group,
+        });
+    }
+    for axis in 0..ga.rank() {
+        if ga.strides[axis] != gb.strides[axis] {
+            return Err(AlgebraError::Stride {
+                axis,
+                left: ga.strides[axis],
+                right: gb.strides[axis],
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `y = W ⊛ x + b` with W of shape `[O, C/group, k_1, .., k_r]` and b of length O.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AffineConv {
@@ -134,38 +323,49 @@ impl AffineConv {
         &self.weight.shape()[2..]
     }
 
+    /// Its shape.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            out_channels: self.out_channels(),
+            in_per_group: self.weight.shape()[1],
+            kernel: self.kernel().to_vec(),
+            geometry: self.geometry.clone(),
+        }
+    }
+
     /// The identity on `channels` channels as a 1-tap convolution with `group` groups:
     /// `W[i, i mod (C/group), 0, ..] = 1`.
     pub fn identity(channels: usize, group: usize, rank: usize) -> AffineConv {
-        let per_group = channels / group.max(1);
-        let mut shape = vec![channels, per_group];
-        shape.extend(std::iter::repeat_n(1, rank));
-        let mut weight = ArrayD::zeros(IxDyn(&shape));
+        let layout = Layout::identity(channels, group, rank);
+        let per_group = layout.in_per_group.max(1);
+        let mut weight = ArrayD::zeros(IxDyn(&layout.weight_dims()));
         for i in 0..channels {
-            let mut idx = vec![i, i % per_group.max(1)];
+            let mut idx = vec![i, i % per_group];
             idx.extend(std::iter::repeat_n(0, rank));
             weight[IxDyn(&idx)] = 1.0;
         }
         AffineConv {
             weight,
             bias: Array1::zeros(channels),
-            geometry: Geometry::unit(rank, group),
+            geometry: layout.geometry,
         }
     }
 
     /// Applies `y ↦ y·scale + shift` per output channel (a BatchNormalization, Mul or Add).
     pub fn scale_shift(mut self, scale: &[f64], shift: &[f64]) -> Result<AffineConv, AlgebraError> {
-        let o = self.out_channels();
-        for got in [scale.len(), shift.len()] {
-            if got != o {
-                return Err(AlgebraError::ChannelParams { expected: o, got });
+        self.layout().check_channels(scale, shift)?;
+        let per_channel = self.weight.len() / self.out_channels().max(1);
+        if let Some(w) = self.weight.as_slice_mut() {
+            for (c, row) in w.chunks_exact_mut(per_channel.max(1)).enumerate() {
+                row.iter_mut().for_each(|v| *v *= scale[c]);
+            }
+        } else {
+            for (c, mut w) in self.weight.outer_iter_mut().enumerate() {
+                w *= scale[c];
             }
         }
-        for (c, mut w) in self.weight.outer_iter_mut().enumerate() {
-            w *= scale[c];
-        }
-        for c in 0..o {
-            self.bias[c] = self.bias[c] * scale[c] + shift[c];
+        for (c, b) in self.bias.iter_mut().enumerate() {
+            *b = *b * scale[c] + shift[c];
         }
         Ok(self)
     }
@@ -180,24 +380,26 @@ impl AffineConv {
     }
 
     /// The same convolution with its taps spread to dilation `to` (which divides each current
-    /// dilation): a kernel of extent k at dilation d becomes extent (d/to)(k−1)+1 at dilation
-    /// `to`, zeros between the taps.
+    /// dilation of an axis wider than one tap): a kernel of extent k at dilation d becomes extent
+    /// (d/to)(k−1)+1 at dilation `to`, zeros between the taps.
     pub fn spread(self, to: &[usize]) -> AffineConv {
-        let factors: Vec<usize> = self
-            .geometry
-            .dilations
-            .iter()
-            .zip(to)
-            .map(|(d, t)| d / t)
+        let layout = self.layout().spread(to);
+        if layout.kernel == self.kernel() {
+            return AffineConv {
+                geometry: layout.geometry,
+                ..self
+            };
+        }
+        let factors: Vec<usize> = (0..to.len())
+            .map(|a| {
+                if self.kernel()[a] > 1 {
+                    self.geometry.dilations[a] / to[a]
+                } else {
+                    1
+                }
+            })
             .collect();
-        if factors.iter().all(|&f| f == 1) {
-            return self;
-        }
-        let mut shape = self.weight.shape().to_vec();
-        for (axis, &f) in factors.iter().enumerate() {
-            shape[axis + 2] = f * (shape[axis + 2] - 1) + 1;
-        }
-        let mut weight = ArrayD::zeros(IxDyn(&shape));
+        let mut weight = ArrayD::zeros(IxDyn(&layout.weight_dims()));
         weight
             .slice_each_axis_mut(|ax| {
                 let i = ax.axis.index();
@@ -208,77 +410,23 @@ impl AffineConv {
                 }
             })
             .assign(&self.weight);
-        let mut geometry = self.geometry;
-        geometry.dilations = to.to_vec();
         AffineConv {
             weight,
             bias: self.bias,
-            geometry,
+            geometry: layout.geometry,
         }
     }
 
     /// Sums branches that read the same input into one convolution.
     pub fn sum(terms: &[AffineConv]) -> Result<AffineConv, AlgebraError> {
-        let first = terms.first().ok_or(AlgebraError::Empty)?;
-        let rank = first.geometry.rank();
-        for t in &terms[1..] {
-            check_compatible(first, t)?;
-        }
-        let common: Vec<usize> = (0..rank).map(|axis| common_dilation(terms, axis)).collect();
-        if terms
-            .iter()
-            .any(|t| (0..rank).any(|a| t.kernel()[a] > 1 && t.geometry.dilations[a] != common[a]))
-        {
-            let spread: Vec<AffineConv> = terms
-                .iter()
-                .map(|t| t.clone().spread_axes(&common))
-                .collect();
-            return AffineConv::sum(&spread);
-        }
-        let mut target = Geometry {
-            strides: first.geometry.strides.clone(),
-            dilations: vec![1; rank],
-            pads_begin: vec![0; rank],
-            pads_end: vec![0; rank],
-            group: first.geometry.group,
-        };
-        let mut kernel = vec![0; rank];
-        let mut offsets = vec![vec![0; rank]; terms.len()];
-        for axis in 0..rank {
-            let d = axis_dilation(terms, axis)?;
-            let begin = terms
-                .iter()
-                .map(|t| t.geometry.pads_begin[axis])
-                .max()
-                .unwrap_or(0);
-            let extra = |t: &AffineConv| {
-                let k = t.kernel()[axis];
-                let g = &t.geometry;
-                (g.pads_begin[axis] + g.pads_end[axis]) as i64 - (d * (k - 1)) as i64
-            };
-            let e = extra(first);
-            for (i, t) in terms.iter().enumerate() {
-                if extra(t) != e {
-                    return Err(AlgebraError::OutputSize { axis });
-                }
-                let shift = begin - t.geometry.pads_begin[axis];
-                if shift % d != 0 {
-                    return Err(AlgebraError::Misaligned { axis });
-                }
-                offsets[i][axis] = shift / d;
-                kernel[axis] = kernel[axis].max(offsets[i][axis] + t.kernel()[axis]);
-            }
-            target.dilations[axis] = d;
-            target.pads_begin[axis] = begin;
-            let end = e + (d * (kernel[axis] - 1)) as i64 - begin as i64;
-            target.pads_end[axis] =
-                usize::try_from(end).map_err(|_| AlgebraError::OutputSize { axis })?;
-        }
-        let mut shape = vec![first.out_channels(), first.weight.shape()[1]];
-        shape.extend(&kernel);
-        let mut weight = ArrayD::zeros(IxDyn(&shape));
-        let mut bias = Array1::zeros(first.out_channels());
-        for (t, offset) in terms.iter().zip(&offsets) {
+        let layouts: Vec<Layout> = terms.iter().map(AffineConv::layout).collect();
+        let common = Layout::common_dilations(&layouts);
+        let spread: Vec<AffineConv> = terms.iter().map(|t| t.clone().spread(&common)).collect();
+        let layouts: Vec<Layout> = spread.iter().map(AffineConv::layout).collect();
+        let (target, offsets) = Layout::sum_plan(&layouts)?;
+        let mut weight = ArrayD::zeros(IxDyn(&target.weight_dims()));
+        let mut bias = Array1::zeros(target.out_channels);
+        for (t, offset) in spread.iter().zip(&offsets) {
             let mut window = weight.slice_each_axis_mut(|ax| {
                 let i = ax.axis.index();
                 if i < 2 {
@@ -294,95 +442,9 @@ impl AffineConv {
         Ok(AffineConv {
             weight,
             bias,
-            geometry: target,
+            geometry: target.geometry,
         })
     }
-}
-
-fn check_compatible(a: &AffineConv, b: &AffineConv) -> Result<(), AlgebraError> {
-    let (ga, gb) = (&a.geometry, &b.geometry);
-    if ga.rank() != gb.rank() {
-        return Err(AlgebraError::Rank {
-            left: ga.rank(),
-            right: gb.rank(),
-        });
-    }
-    if ga.group != gb.group {
-        return Err(AlgebraError::Group {
-            left: ga.group,
-            right: gb.group,
-        });
-    }
-    if a.out_channels() != b.out_channels() {
-        return Err(AlgebraError::OutChannels {
-            left: a.out_channels(),
-            right: b.out_channels(),
-        });
-    }
-    if a.weight.shape()[1] != b.weight.shape()[1] {
-        return Err(AlgebraError::InChannels {
-            left: a.weight.shape()[1],
-            right: b.weight.shape()[1],
-        });
-    }
-    for axis in 0..ga.rank() {
-        if ga.strides[axis] != gb.strides[axis] {
-            return Err(AlgebraError::Stride {
-                axis,
-                left: ga.strides[axis],
-                right: gb.strides[axis],
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The greatest common divisor of the dilations of the branches wider than one tap on `axis`.
-fn common_dilation(terms: &[AffineConv], axis: usize) -> usize {
-    let gcd = |mut a: usize, mut b: usize| {
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        a
-    };
-    terms
-        .iter()
-        .filter(|t| t.kernel()[axis] > 1)
-        .map(|t| t.geometry.dilations[axis].max(1))
-        .fold(0, gcd)
-        .max(1)
-}
-
-impl AffineConv {
-    /// [`AffineConv::spread`] on the axes wider than one tap; 1-tap axes just take `to`.
-    fn spread_axes(mut self, to: &[usize]) -> AffineConv {
-        for (axis, &t) in to.iter().enumerate() {
-            if self.kernel()[axis] == 1 {
-                self.geometry.dilations[axis] = t;
-            }
-        }
-        self.spread(to)
-    }
-}
-
-/// The dilation shared by every branch whose kernel is wider than one tap on `axis` (a 1-tap
-/// axis has no dilation to speak of).
-fn axis_dilation(terms: &[AffineConv], axis: usize) -> Result<usize, AlgebraError> {
-    let mut found: Option<usize> = None;
-    for t in terms.iter().filter(|t| t.kernel()[axis] > 1) {
-        let d = t.geometry.dilations[axis];
-        match found {
-            Some(f) if f != d => {
-                return Err(AlgebraError::Dilation {
-                    axis,
-                    left: f,
-                    right: d,
-                });
-            }
-            _ => found = Some(d),
-        }
-    }
-    Ok(found.unwrap_or(1).max(1))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use ndarray::Array1;
 
-use crate::affine::{AffineConv, Geometry};
+use crate::affine::{AffineConv, AlgebraError, Geometry, Layout};
 use crate::error::Error;
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
@@ -56,61 +56,145 @@ pub struct FoldOptions {
     pub allow_training_bn: bool,
 }
 
+/// What [`eval`] builds: the numbers ([`AffineConv`]) or only the shape ([`Layout`]). Both go
+/// through the same checks, so a block planned on layouts folds the same way on numbers.
+trait Algebra: Sized {
+    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError>;
+    fn identity(channels: usize, group: usize, rank: usize) -> Self;
+    fn avg_pool(layout: Layout) -> Self;
+    fn layout(&self) -> Layout;
+    fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError>;
+    fn negate(self) -> Self;
+    fn sum(parts: &[Self]) -> Result<Self, AlgebraError>;
+}
+
+impl Algebra for Layout {
+    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
+        Ok(conv_layout(index, n)?.0)
+    }
+    fn identity(channels: usize, group: usize, rank: usize) -> Self {
+        Layout::identity(channels, group, rank)
+    }
+    fn avg_pool(layout: Layout) -> Self {
+        layout
+    }
+    fn layout(&self) -> Layout {
+        self.clone()
+    }
+    fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError> {
+        self.check_channels(scale, shift).map(|()| self)
+    }
+    fn negate(self) -> Self {
+        self
+    }
+    fn sum(parts: &[Self]) -> Result<Self, AlgebraError> {
+        Layout::sum(parts)
+    }
+}
+
+impl Algebra for AffineConv {
+    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
+        conv_term(index, n)
+    }
+    fn identity(channels: usize, group: usize, rank: usize) -> Self {
+        AffineConv::identity(channels, group, rank)
+    }
+    fn avg_pool(layout: Layout) -> Self {
+        let channels = layout.out_channels;
+        let per_group = layout.in_per_group.max(1);
+        let taps: usize = layout.kernel.iter().product();
+        let mut weight = ndarray::ArrayD::zeros(ndarray::IxDyn(&layout.weight_dims()));
+        for c in 0..channels {
+            weight
+                .index_axis_mut(ndarray::Axis(0), c)
+                .index_axis_mut(ndarray::Axis(0), c % per_group)
+                .fill(1.0 / taps as f64);
+        }
+        AffineConv {
+            weight,
+            bias: Array1::zeros(channels),
+            geometry: layout.geometry,
+        }
+    }
+    fn layout(&self) -> Layout {
+        AffineConv::layout(self)
+    }
+    fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError> {
+        AffineConv::scale_shift(self, scale, shift)
+    }
+    fn negate(self) -> Self {
+        AffineConv::negate(self)
+    }
+    fn sum(parts: &[Self]) -> Result<Self, AlgebraError> {
+        AffineConv::sum(parts)
+    }
+}
+
+/// The fused Conv's shape and element type, without computing it: all the checks of [`fold`]
+/// but reading only per-channel parameters, never weights.
+pub fn layout(
+    index: &GraphIndex,
+    block: &Block,
+    options: FoldOptions,
+) -> Result<(Layout, FloatType), FoldError> {
+    let (ctx, dtype) = context(index, block)?;
+    Ok((eval::<Layout>(index, &block.term, &ctx, options)?, dtype))
+}
+
 /// Folds the block's expression tree into one convolution.
 pub fn fold(index: &GraphIndex, block: &Block, options: FoldOptions) -> Result<Folded, FoldError> {
-    let convs = block.convs();
-    let Some(&first) = convs.first() else {
-        return skip("no Conv branch");
-    };
-    let (probe, dtype) = conv_term(index, first)?;
-    let ctx = Context {
-        in_channels: probe.in_channels(),
-        out_channels: probe.out_channels(),
-        group: probe.geometry.group,
-        strides: probe.geometry.strides.clone(),
-    };
-    let conv = eval(index, &block.term, &ctx, options)?;
+    let (ctx, dtype) = context(index, block)?;
+    let conv = eval::<AffineConv>(index, &block.term, &ctx, options)?;
     Ok(Folded { conv, dtype })
 }
 
-fn eval(
+fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), FoldError> {
+    let Some(&first) = block.convs().first() else {
+        return skip("no Conv branch");
+    };
+    let (probe, dtype) = conv_layout(index, first)?;
+    let ctx = Context {
+        in_channels: probe.in_channels(),
+        out_channels: probe.out_channels,
+        group: probe.geometry.group,
+        strides: probe.geometry.strides.clone(),
+    };
+    Ok((ctx, dtype))
+}
+
+fn eval<A: Algebra>(
     index: &GraphIndex,
     term: &Term,
     ctx: &Context,
     options: FoldOptions,
-) -> Result<AffineConv, FoldError> {
+) -> Result<A, FoldError> {
     match term {
-        Term::Conv(n) => Ok(conv_term(index, *n)?.0),
-        Term::AvgPool(n) => avg_pool_term(index, *n, ctx),
-        Term::Raw(_) => identity_term(ctx, "identity"),
+        Term::Conv(n) => A::conv(index, *n),
+        Term::AvgPool(n) => Ok(A::avg_pool(avg_pool_layout(index, *n, ctx)?)),
+        Term::Raw(_) => {
+            identity_check(ctx, "identity")?;
+            Ok(A::identity(ctx.in_channels, ctx.group, ctx.strides.len()))
+        }
         Term::Channel { node, op, inner } => {
-            let inner = eval(index, inner, ctx, options)?;
-            let o = inner.out_channels();
+            let inner: A = eval(index, inner, ctx, options)?;
+            let layout = inner.layout();
+            let (o, rank) = (layout.out_channels, layout.geometry.rank());
             let (scale, shift) = match op {
                 ChannelOp::BatchNorm => bn_scale_shift(index, *node, options)?,
-                ChannelOp::Mul(c) => (
-                    per_channel(index, *node, c, o, inner.geometry.rank())?,
-                    vec![0.0; o],
-                ),
+                ChannelOp::Mul(c) => (per_channel(index, *node, c, o, rank)?, vec![0.0; o]),
                 ChannelOp::Div(c) => {
-                    let d = per_channel(index, *node, c, o, inner.geometry.rank())?;
+                    let d = per_channel(index, *node, c, o, rank)?;
                     if d.contains(&0.0) {
                         return skip(format!("'{}' divides by zero", index.node(*node).name()));
                     }
                     (d.iter().map(|v| 1.0 / v).collect(), vec![0.0; o])
                 }
-                ChannelOp::Add(c) => (
-                    vec![1.0; o],
-                    per_channel(index, *node, c, o, inner.geometry.rank())?,
-                ),
+                ChannelOp::Add(c) => (vec![1.0; o], per_channel(index, *node, c, o, rank)?),
                 ChannelOp::Sub(c) => {
-                    let v = per_channel(index, *node, c, o, inner.geometry.rank())?;
+                    let v = per_channel(index, *node, c, o, rank)?;
                     (vec![1.0; o], v.iter().map(|x| -x).collect())
                 }
-                ChannelOp::SubFrom(c) => (
-                    vec![-1.0; o],
-                    per_channel(index, *node, c, o, inner.geometry.rank())?,
-                ),
+                ChannelOp::SubFrom(c) => (vec![-1.0; o], per_channel(index, *node, c, o, rank)?),
             };
             let name = index.node(*node).name();
             inner
@@ -120,16 +204,16 @@ fn eval(
         Term::Sum { terms, .. } => {
             let mut parts = Vec::with_capacity(terms.len());
             for (negate, t) in terms {
-                let part = eval(index, t, ctx, options)?;
+                let part: A = eval(index, t, ctx, options)?;
                 parts.push(if *negate { part.negate() } else { part });
             }
-            AffineConv::sum(&parts).map_err(|e| FoldError::Skip(e.to_string()))
+            A::sum(&parts).map_err(|e| FoldError::Skip(e.to_string()))
         }
     }
 }
 
-/// The identity on the block's channels (raw x, or the input of a BN(x) branch).
-fn identity_term(ctx: &Context, what: &str) -> Result<AffineConv, FoldError> {
+/// An identity branch (raw x, or the input of BN(x)) needs C_in = C_out and stride 1.
+fn identity_check(ctx: &Context, what: &str) -> Result<(), FoldError> {
     if ctx.in_channels != ctx.out_channels {
         return skip(format!(
             "{what} branch needs as many input as output channels ({} → {})",
@@ -142,15 +226,11 @@ fn identity_term(ctx: &Context, what: &str) -> Result<AffineConv, FoldError> {
             ctx.strides
         ));
     }
-    Ok(AffineConv::identity(
-        ctx.in_channels,
-        ctx.group,
-        ctx.strides.len(),
-    ))
+    Ok(())
 }
 
-/// An `AvgPool` of the input as a depthwise convolution with weights 1/k.
-fn avg_pool_term(index: &GraphIndex, n: usize, ctx: &Context) -> Result<AffineConv, FoldError> {
+/// An `AveragePool` of the input as the layout of a depthwise convolution with weights 1/k.
+fn avg_pool_layout(index: &GraphIndex, n: usize, ctx: &Context) -> Result<Layout, FoldError> {
     let node = index.node(n);
     let name = node.name();
     let Some(kernel) = attr::ints(node, "kernel_shape") else {
@@ -165,15 +245,9 @@ fn avg_pool_term(index: &GraphIndex, n: usize, ctx: &Context) -> Result<AffineCo
     }
     let mut probe = vec![ctx.out_channels, 1];
     probe.extend(&kernel);
-    let geometry = geometry(
-        node,
-        &probe,
-        node.input
-            .first()
-            .and_then(|x| index.static_shape(x))
-            .map(|s| s[2.min(s.len())..].to_vec()),
-    )
-    .map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
+    let spatial = input_spatial(index, node);
+    let geometry = geometry(node, &probe, spatial)
+        .map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
     let padded = geometry
         .pads_begin
         .iter()
@@ -191,26 +265,21 @@ fn avg_pool_term(index: &GraphIndex, n: usize, ctx: &Context) -> Result<AffineCo
             ctx.in_channels, ctx.out_channels
         ));
     }
-    let channels = ctx.out_channels;
-    let per_group = channels / ctx.group;
-    let mut shape = vec![channels, per_group];
-    shape.extend(&kernel);
-    let taps: usize = kernel.iter().product();
-    let mut weight = ndarray::ArrayD::zeros(ndarray::IxDyn(&shape));
-    for c in 0..channels {
-        weight
-            .index_axis_mut(ndarray::Axis(0), c)
-            .index_axis_mut(ndarray::Axis(0), c % per_group)
-            .fill(1.0 / taps as f64);
-    }
-    Ok(AffineConv {
-        weight,
-        bias: Array1::zeros(channels),
+    Ok(Layout {
+        out_channels: ctx.out_channels,
+        in_per_group: ctx.out_channels / ctx.group.max(1),
+        kernel,
         geometry: Geometry {
             group: ctx.group,
             ..geometry
         },
     })
+}
+
+/// The declared spatial size of a node's first input, if every dimension is a number.
+fn input_spatial(index: &GraphIndex, node: &NodeProto) -> Option<Vec<usize>> {
+    let shape = index.static_shape(node.input.first()?)?;
+    Some(shape.get(2..)?.to_vec())
 }
 
 /// A constant operand of a Mul/Div/Add/Sub as one value per output channel: its shape must
@@ -252,8 +321,8 @@ fn per_channel(
     }
 }
 
-/// A Conv node as an affine convolution, with its weight's element type.
-fn conv_term(index: &GraphIndex, i: usize) -> Result<(AffineConv, FloatType), FoldError> {
+/// A Conv node's layout and weight type, checked without reading its weight.
+fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), FoldError> {
     let node = index.node(i);
     let name = node.name();
     let Some(w_name) = node.input.get(1) else {
@@ -271,55 +340,69 @@ fn conv_term(index: &GraphIndex, i: usize) -> Result<(AffineConv, FloatType), Fo
             w.data_type()
         ));
     };
-    let weight = tensor::read_f64(&w, &index.model.external)?;
-    let rank = weight.ndim().saturating_sub(2);
-    if rank == 0 {
+    tensor::check_data(&w, &index.model.external)?;
+    let (dims, _) = tensor::shape(&w)?;
+    if dims.len() < 3 {
         return skip(format!(
             "Conv '{name}': weight '{w_name}' has {} dims",
-            weight.ndim()
+            dims.len()
         ));
     }
-    let out_channels = weight.shape()[0];
-    let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
-        None => Array1::zeros(out_channels),
-        Some(b_name) => {
-            let Some(b) = index.constant(b_name) else {
-                return skip(format!(
-                    "Conv '{name}': bias '{b_name}' {}",
-                    not_constant(index, b_name)
-                ));
-            };
-            let bias = tensor::read_f64(&b, &index.model.external)?;
-            if bias.shape() != [out_channels] {
-                return skip(format!(
-                    "Conv '{name}': bias '{b_name}' has shape {:?} for {out_channels} channels",
-                    bias.shape()
-                ));
-            }
-            Array1::from_iter(bias.iter().copied())
+    let out_channels = dims[0];
+    if let Some(b_name) = node.input.get(2).filter(|b| !b.is_empty()) {
+        let Some(b) = index.constant(b_name) else {
+            return skip(format!(
+                "Conv '{name}': bias '{b_name}' {}",
+                not_constant(index, b_name)
+            ));
+        };
+        tensor::check_data(&b, &index.model.external)?;
+        if tensor::shape(&b)?.0 != [out_channels] {
+            return skip(format!(
+                "Conv '{name}': bias '{b_name}' has shape {:?} for {out_channels} channels",
+                b.dims
+            ));
         }
-    };
-    let spatial = node
-        .input
-        .first()
-        .and_then(|x| index.static_shape(x))
-        .map(|s| s[2.min(s.len())..].to_vec());
-    let geometry = geometry(node, weight.shape(), spatial)
+    }
+    let geometry = geometry(node, &dims, input_spatial(index, node))
         .map_err(|r| FoldError::Skip(format!("Conv '{name}': {r}")))?;
-    if out_channels % geometry.group != 0 {
+    if out_channels % geometry.group != 0 || out_channels == 0 {
         return skip(format!(
             "Conv '{name}': {out_channels} output channels do not split into {} groups",
             geometry.group
         ));
     }
-    Ok((
-        AffineConv {
-            weight,
-            bias,
-            geometry,
-        },
-        dtype,
-    ))
+    let layout = Layout {
+        out_channels,
+        in_per_group: dims[1],
+        kernel: dims[2..].to_vec(),
+        geometry,
+    };
+    Ok((layout, dtype))
+}
+
+/// A Conv node as an affine convolution.
+fn conv_term(index: &GraphIndex, i: usize) -> Result<AffineConv, FoldError> {
+    let (layout, _) = conv_layout(index, i)?;
+    let node = index.node(i);
+    let w = index
+        .stored_constant(&node.input[1])
+        .ok_or_else(|| FoldError::Skip("weight vanished".into()))?;
+    let weight = tensor::read_f64(&w, &index.model.external)?;
+    let bias = match node
+        .input
+        .get(2)
+        .filter(|b| !b.is_empty())
+        .and_then(|b| index.constant(b))
+    {
+        None => Array1::zeros(layout.out_channels),
+        Some(b) => Array1::from_iter(tensor::read_f64(&b, &index.model.external)?.iter().copied()),
+    };
+    Ok(AffineConv {
+        weight,
+        bias,
+        geometry: layout.geometry,
+    })
 }
 
 /// Why a value is no constant to fold: generated in bulk, computed at run time, or an input.

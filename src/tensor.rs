@@ -98,6 +98,40 @@ pub fn float_type(t: &TensorProto) -> Result<FloatType> {
     })
 }
 
+/// Checks that the tensor's data holds exactly what its dims and type need, without reading it.
+pub fn check_data(t: &TensorProto, external: &ExternalStore) -> Result<()> {
+    let name = t.name.as_deref().unwrap_or("");
+    let (_, count) = shape(t)?;
+    let code = t.data_type.unwrap_or(0);
+    let size = match FloatType::from_code(code) {
+        Some(ty) => ty.size(),
+        None => return Ok(()),
+    };
+    let (present, unit) = if is_external(t) {
+        (external.bytes(t)?.len(), size)
+    } else if let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty() || count == 0) {
+        (raw.len(), size)
+    } else {
+        let typed = match FloatType::from_code(code) {
+            Some(FloatType::F32) => t.float_data.len(),
+            Some(FloatType::F64) => t.double_data.len(),
+            _ => t.int32_data.len(),
+        };
+        (typed, 1)
+    };
+    if count.checked_mul(unit) != Some(present) {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "dims {:?} need {count} values but the data holds {present} {}",
+                t.dims,
+                if unit == 1 { "values" } else { "bytes" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a float tensor into f64.
 pub fn read_f64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<f64>> {
     let name = t.name.as_deref().unwrap_or("");
