@@ -35,9 +35,10 @@ use std::time::Instant;
 pub use error::{Error, Result};
 pub use report::{BlockInfo, FuseReport, InspectReport};
 
+use bytes::Bytes;
 use graph::GraphIndex;
 use onnx::Model;
-use onnx::splice::{DataLayout, PROTOBUF_LIMIT, Spliced};
+use onnx::splice::{self, DataLayout, PROTOBUF_LIMIT};
 
 /// What may be folded, and how it is checked.
 #[derive(Debug, Clone, Copy)]
@@ -83,14 +84,6 @@ pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseRe
     let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
     let analysis = plan::analyse(&index, options.fold()).map_err(|e| e.in_file(input))?;
     let patch = rewrite::build(&index, &analysis.plans);
-    let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
-    if options.verify {
-        let deviations = verify::check_plans(&index, &analysis.plans, &patch, options.tolerance)
-            .map_err(|e| e.in_file(input))?;
-        for (info, d) in fused.iter_mut().zip(deviations) {
-            info.deviation = Some(d);
-        }
-    }
     let mut layout = if model.has_external_data() {
         DataLayout::Sidecar {
             location: location.clone(),
@@ -99,29 +92,52 @@ pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseRe
     } else {
         DataLayout::Inline
     };
-    let mut spliced = if patch.is_empty() && layout == DataLayout::Inline {
-        Spliced {
-            model: model.bytes.to_vec(),
-            sidecar: None,
-        }
-    } else {
-        onnx::splice::splice(&model, &patch, &layout).map_err(|e| e.in_file(input))?
-    };
-    if spliced.model.len() > PROTOBUF_LIMIT {
+    let mut planned = splice::plan(&model, &patch, &layout).map_err(|e| e.in_file(input))?;
+    if planned.model_len > PROTOBUF_LIMIT {
         layout = DataLayout::Sidecar {
             location,
             move_inline: true,
         };
-        spliced = onnx::splice::splice(&model, &patch, &layout).map_err(|e| e.in_file(input))?;
+        planned = splice::plan(&model, &patch, &layout).map_err(|e| e.in_file(input))?;
     }
-    if spliced.sidecar.is_some() {
-        onnx::output::check_output(&sidecar_path, &protected)?;
+    let sidecar = planned.sidecar_len.map(|_| sidecar_path.as_path());
+    if let Some(path) = sidecar {
+        onnx::output::check_output(path, &protected)?;
     }
-    let sidecar = spliced
-        .sidecar
-        .as_deref()
-        .map(|d| (sidecar_path.as_path(), d));
-    onnx::output::write(output, &spliced.model, sidecar)?;
+    let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
+    let mut produce = |p: usize| -> Result<Vec<Bytes>> {
+        let plan = &analysis.plans[p];
+        let (data, rounding) = plan.tensors(&index)?;
+        fused[p].rounding_error = rounding;
+        let (weight, bias) = (data[0].clone(), data[1].clone());
+        if options.verify {
+            let node = &patch.replaced[&plan.block.root];
+            let tensors: Vec<&rewrite::NewTensor> =
+                patch.new_tensors.iter().filter(|t| t.plan == p).collect();
+            let deviation = verify::check(
+                &index,
+                plan,
+                node,
+                &tensors[0].with_data(weight.clone()),
+                &tensors[1].with_data(bias.clone()),
+                options.tolerance,
+            )?;
+            fused[p].deviation = Some(deviation);
+        }
+        model.release_pages();
+        Ok(data)
+    };
+    onnx::output::write_with(output, sidecar, |model_sink, sidecar_sink| {
+        splice::write(
+            &planned,
+            &model,
+            &patch,
+            model_sink,
+            sidecar_sink,
+            &mut produce,
+        )
+    })
+    .map_err(|e| e.in_file(input))?;
 
     let params = |ts: &mut dyn Iterator<Item = &onnx::proto::TensorProto>| -> u64 {
         ts.map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>())
@@ -134,7 +150,11 @@ pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseRe
             .iter()
             .map(|&i| &model.initializers[i]),
     );
-    let params_added = params(&mut patch.new_initializers.iter());
+    let params_added: u64 = patch
+        .new_tensors
+        .iter()
+        .map(|t| t.dims.iter().product::<usize>() as u64)
+        .sum();
     Ok(FuseReport {
         fused,
         skipped: analysis.skipped.clone(),

@@ -13,7 +13,7 @@ use crate::onnx::proto::{
     type_proto,
 };
 use crate::plan::BlockPlan;
-use crate::tensor;
+use crate::tensor::FloatType;
 
 /// The changes to a model's main graph.
 #[derive(Debug, Default)]
@@ -26,8 +26,9 @@ pub struct Patch {
     pub removed_value_info: HashSet<usize>,
     /// Graph inputs dropped with their initializer (IR < 4 lists every initializer as an input).
     pub removed_inputs: HashSet<usize>,
-    /// Initializers to append, in order.
-    pub new_initializers: Vec<TensorProto>,
+    /// Initializers to append, in order: each block's fused weight and bias, computed only when
+    /// written.
+    pub new_tensors: Vec<NewTensor>,
     /// Graph inputs to append, in order (the new initializers, for IR < 4 models).
     pub new_inputs: Vec<ValueInfoProto>,
 }
@@ -40,7 +41,7 @@ impl Patch {
             && self.removed_initializers.is_empty()
             && self.removed_value_info.is_empty()
             && self.removed_inputs.is_empty()
-            && self.new_initializers.is_empty()
+            && self.new_tensors.is_empty()
             && self.new_inputs.is_empty()
     }
 }
@@ -51,10 +52,10 @@ pub fn build(index: &GraphIndex, plans: &[BlockPlan]) -> Patch {
     let mut uses = Uses::new(index);
     let mut worklist: Vec<&str> = Vec::new();
     let mut gone: HashSet<&str> = HashSet::new();
-    for plan in plans {
+    for (plan_index, plan) in plans.iter().enumerate() {
         let conv = new_conv(index, plan);
         uses.add(&plan.block.input, 1);
-        patch.new_initializers.extend(new_tensors(plan));
+        patch.new_tensors.extend(new_tensors(plan_index, plan));
         for n in plan.block.nodes() {
             let node = index.node(n);
             for input in node.input.iter().filter(|v| !v.is_empty()) {
@@ -126,9 +127,9 @@ fn list_initializers_as_inputs(index: &GraphIndex, patch: &mut Patch) {
         }
     }
     patch.new_inputs = patch
-        .new_initializers
+        .new_tensors
         .iter()
-        .map(tensor_value_info)
+        .map(|t| tensor_value_info(&t.header()))
         .collect();
 }
 
@@ -180,7 +181,7 @@ impl<'a, 'm> Uses<'a, 'm> {
 
 /// The Conv that replaces a block: explicit geometry, the block's input, new weight and bias.
 fn new_conv(index: &GraphIndex, plan: &BlockPlan) -> NodeProto {
-    let g = &plan.folded.conv.geometry;
+    let g = &plan.layout.geometry;
     let as_i64 = |v: &[usize]| v.iter().map(|&x| x as i64).collect::<Vec<_>>();
     let pads = [as_i64(&g.pads_begin), as_i64(&g.pads_end)].concat();
     NodeProto {
@@ -195,7 +196,7 @@ fn new_conv(index: &GraphIndex, plan: &BlockPlan) -> NodeProto {
         attribute: vec![
             attr::new_ints("dilations", as_i64(&g.dilations)),
             attr::new_int("group", g.group as i64),
-            attr::new_ints("kernel_shape", as_i64(plan.folded.conv.kernel())),
+            attr::new_ints("kernel_shape", as_i64(&plan.layout.kernel)),
             attr::new_ints("pads", pads),
             attr::new_ints("strides", as_i64(&g.strides)),
         ],
@@ -203,20 +204,60 @@ fn new_conv(index: &GraphIndex, plan: &BlockPlan) -> NodeProto {
     }
 }
 
-/// The fused weight and bias as initializers in the weight's element type.
-fn new_tensors(plan: &BlockPlan) -> [TensorProto; 2] {
-    let conv = &plan.folded.conv;
-    let bias = conv.bias.clone().into_dyn();
+/// A fused tensor: known by name, shape and type when planned; its data is computed when written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub dtype: FloatType,
+    /// The plan whose fold produces it.
+    pub plan: usize,
+    /// Its place among that plan's tensors (0 weight, 1 bias).
+    pub slot: usize,
+}
+
+impl NewTensor {
+    /// Bytes of its data.
+    pub fn data_len(&self) -> usize {
+        self.dims.iter().product::<usize>() * self.dtype.size()
+    }
+
+    /// The initializer without its data.
+    pub fn header(&self) -> TensorProto {
+        TensorProto {
+            name: Some(self.name.clone()),
+            dims: self.dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(self.dtype.code()),
+            ..Default::default()
+        }
+    }
+
+    /// The initializer with `data`.
+    pub fn with_data(&self, data: bytes::Bytes) -> TensorProto {
+        TensorProto {
+            raw_data: Some(data),
+            ..self.header()
+        }
+    }
+}
+
+/// The fused weight and bias of plan `index`, in the weight's element type.
+fn new_tensors(index: usize, plan: &BlockPlan) -> [NewTensor; 2] {
+    let layout = &plan.layout;
     [
-        tensor::new_tensor(
-            &format!("{}.weight", plan.node_name),
-            &conv.weight,
-            plan.folded.dtype,
-        ),
-        tensor::new_tensor(
-            &format!("{}.bias", plan.node_name),
-            &bias,
-            plan.folded.dtype,
-        ),
+        NewTensor {
+            name: format!("{}.weight", plan.node_name),
+            dims: layout.weight_dims(),
+            dtype: plan.dtype,
+            plan: index,
+            slot: 0,
+        },
+        NewTensor {
+            name: format!("{}.bias", plan.node_name),
+            dims: vec![layout.out_channels],
+            dtype: plan.dtype,
+            plan: index,
+            slot: 1,
+        },
     ]
 }

@@ -567,63 +567,43 @@ fn average_pool(node: &NodeProto, x: Act, outs: &[usize]) -> Result<Act, String>
     })
 }
 
-/// Checks every planned block against its fused Conv in `patch`; the deviations, in plan order.
-pub fn check_plans(
+/// Checks a planned block against its fused Conv, whose weight and bias are given as they will
+/// be written; an error names the block.
+pub fn check(
     index: &GraphIndex,
-    plans: &[crate::plan::BlockPlan],
-    patch: &crate::rewrite::Patch,
+    plan: &crate::plan::BlockPlan,
+    node: &NodeProto,
+    weight: &TensorProto,
+    bias: &TensorProto,
     tolerance: Option<f64>,
-) -> crate::Result<Vec<Deviation>> {
-    let tensors: HashMap<&str, &TensorProto> = patch
-        .new_initializers
-        .iter()
-        .map(|t| (t.name(), t))
-        .collect();
-    let mut deviations = Vec::with_capacity(plans.len());
-    for plan in plans {
-        let fail = |reason: String| crate::Error::Verify {
-            block: plan.info.name.clone(),
-            reason,
-        };
-        let node = patch
-            .replaced
-            .get(&plan.block.root)
-            .ok_or_else(|| fail("no fused Conv".into()))?;
-        let find = |i: usize| {
-            node.input
-                .get(i)
-                .and_then(|n| tensors.get(n.as_str()).copied())
-                .ok_or_else(|| fail("fused tensors missing".into()))
-        };
-        let fused = FusedConv {
-            node,
-            weight: find(1)?,
-            bias: find(2)?,
-        };
-        let seed = plan
-            .info
-            .name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
-        let deviation = check_block(
-            index,
-            &plan.block.input,
-            plan.block.output(index),
-            &fused,
-            seed,
-        )
-        .map_err(|e| fail(format!("the original could not be evaluated: {e}")))?;
-        let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.folded.dtype));
-        if deviation.rel.is_nan() || deviation.rel > limit {
-            return Err(fail(format!(
-                "the fused Conv differs from the original by {:.3e} relative ({:.3e} absolute), \
-                 over the tolerance {limit:.1e}",
-                deviation.rel, deviation.abs
-            )));
-        }
-        deviations.push(deviation);
+) -> crate::Result<Deviation> {
+    let fail = |reason: String| crate::Error::Verify {
+        block: plan.info.name.clone(),
+        reason,
+    };
+    let fused = FusedConv { node, weight, bias };
+    let seed = plan
+        .info
+        .name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    let deviation = check_block(
+        index,
+        &plan.block.input,
+        plan.block.output(index),
+        &fused,
+        seed,
+    )
+    .map_err(|e| fail(format!("the original could not be evaluated: {e}")))?;
+    let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.dtype));
+    if deviation.rel.is_nan() || deviation.rel > limit {
+        return Err(fail(format!(
+            "the fused Conv differs from the original by {:.3e} relative ({:.3e} absolute), \
+             over the tolerance {limit:.1e}",
+            deviation.rel, deviation.abs
+        )));
     }
-    Ok(deviations)
+    Ok(deviation)
 }

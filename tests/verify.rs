@@ -23,32 +23,34 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
     for form in ["ts_fold_op17", "ts_nofold_op17", "dynamo_op18"] {
         let (model, plans) = planned(&testdata().join(format!("models/grouped/{form}.onnx")));
         let index = GraphIndex::new(&model).unwrap();
-        let mut patch = rewrite::build(&index, &plans);
-        let deviations = verify::check_plans(&index, &plans, &patch, None).unwrap();
-        assert_eq!(deviations.len(), 8);
-        assert!(deviations.iter().all(|d| d.rel < 1e-6), "{deviations:?}");
+        let patch = rewrite::build(&index, &plans);
+        for (p, plan) in plans.iter().enumerate() {
+            let node = &patch.replaced[&plan.block.root];
+            let tensors: Vec<_> = patch.new_tensors.iter().filter(|t| t.plan == p).collect();
+            let (data, _) = plan.tensors(&index).unwrap();
+            let weight = tensors[0].with_data(data[0].clone());
+            let bias = tensors[1].with_data(data[1].clone());
+            let deviation = verify::check(&index, plan, node, &weight, &bias, None).unwrap();
+            assert!(
+                deviation.rel < 1e-6,
+                "{form} {}: {deviation:?}",
+                plan.info.name
+            );
 
-        // Corrupt one weight of the fourth block (32 output channels, all of them checked).
-        let weight = &mut patch.new_initializers[6];
-        assert!(
-            weight.name().starts_with(&plans[3].node_name),
-            "{}",
-            weight.name()
-        );
-        let mut raw = weight.raw_data.clone().unwrap().to_vec();
-        let v = f32::from_le_bytes(raw[0..4].try_into().unwrap());
-        raw[0..4].copy_from_slice(&(v + 0.01).to_le_bytes());
-        weight.raw_data = Some(raw.into());
-        let err = verify::check_plans(&index, &plans, &patch, None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(&format!(
-                "block '{}' failed verification",
-                plans[3].info.name
-            )),
-            "{err}"
-        );
+            // Corrupt the last weight of the block (every output channel is checked up to 64).
+            let mut raw = data[0].to_vec();
+            let at = raw.len() - 4;
+            let v = f32::from_le_bytes(raw[at..].try_into().unwrap());
+            raw[at..].copy_from_slice(&(v + 0.01).to_le_bytes());
+            let corrupted = tensors[0].with_data(raw.into());
+            let err = verify::check(&index, plan, node, &corrupted, &bias, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("block '{}' failed verification", plan.info.name)),
+                "{err}"
+            );
+        }
     }
 }
 

@@ -71,7 +71,7 @@ fn location_or_unknown(t: &TensorProto) -> String {
 /// The external files a model refers to, each mapped once.
 #[derive(Debug, Default)]
 pub struct ExternalStore {
-    files: HashMap<String, Bytes>,
+    files: HashMap<String, (Option<super::model::Mapped>, Bytes)>,
     paths: Vec<PathBuf>,
 }
 
@@ -90,7 +90,7 @@ impl ExternalStore {
                 location: r.location.clone(),
                 reason,
             })?;
-            let bytes = super::model::map_file(&path).map_err(|e| Error::ExternalData {
+            let mapped = super::model::map_file(&path).map_err(|e| Error::ExternalData {
                 name: name.to_string(),
                 location: r.location.clone(),
                 reason: match e {
@@ -98,7 +98,8 @@ impl ExternalStore {
                     other => other.to_string(),
                 },
             })?;
-            store.files.insert(r.location, bytes);
+            let bytes = mapped.as_ref().map_or_else(Bytes::new, |m| m.bytes());
+            store.files.insert(r.location, (mapped, bytes));
             store.paths.push(path);
         }
         Ok(store)
@@ -111,6 +112,28 @@ impl ExternalStore {
 
     /// The bytes of an external tensor, checked against the file's size.
     pub fn bytes(&self, t: &TensorProto) -> Result<Bytes> {
+        let (location, range) = self.range(t)?;
+        Ok(self.files[&location].1.slice(range))
+    }
+
+    /// The open file and bytes of a location.
+    pub fn file(&self, location: &str) -> Result<(Option<&std::fs::File>, &Bytes)> {
+        self.files
+            .get(location)
+            .map(|(m, b)| (m.as_ref().map(|m| &m.file), b))
+            .ok_or_else(|| Error::Graph(format!("external data '{location}' was not opened")))
+    }
+
+    /// Lets go of the mapped pages (see [`super::model::Mapped::release`]).
+    pub fn release_pages(&self) {
+        self.files
+            .values()
+            .filter_map(|(m, _)| m.as_ref())
+            .for_each(|m| m.release());
+    }
+
+    /// Where an external tensor's bytes lie: its file's location and the byte range in it.
+    pub fn range(&self, t: &TensorProto) -> Result<(String, std::ops::Range<usize>)> {
         let r = ExternalRef::of(t)?;
         let name = t.name.as_deref().unwrap_or("");
         let err = |reason: String| Error::ExternalData {
@@ -118,7 +141,7 @@ impl ExternalStore {
             location: r.location.clone(),
             reason,
         };
-        let file = self
+        let (_, file) = self
             .files
             .get(&r.location)
             .ok_or_else(|| err("file was not opened".into()))?;
@@ -134,7 +157,7 @@ impl ExternalStore {
                     r.offset
                 ))
             })?;
-        Ok(file.slice(r.offset as usize..end as usize))
+        Ok((r.location.clone(), r.offset as usize..end as usize))
     }
 }
 

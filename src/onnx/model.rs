@@ -63,13 +63,53 @@ pub struct Model {
     pub ir_version: Option<i64>,
     /// Files holding external tensor data, mapped.
     pub external: ExternalStore,
+    /// The open input file and its map, when read from disk (copies and page release use them).
+    pub mapped: Option<Mapped>,
+}
+
+/// A file and its read-only memory map.
+#[derive(Debug)]
+pub struct Mapped {
+    pub file: std::fs::File,
+    map: std::sync::Arc<memmap2::Mmap>,
+}
+
+impl Mapped {
+    /// Tells the kernel the mapped pages may be dropped from this process (they stay in the page
+    /// cache): tensor data read once does not add up in the resident set.
+    pub fn release(&self) {
+        // SAFETY: a read-only shared file mapping: dropped pages are read back from the file if
+        // touched again, so no data is lost and no reference is invalidated.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+}
+
+/// Lets `Bytes` own a shared map.
+struct MapOwner(std::sync::Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl Model {
     /// Memory-maps `path` and reads the model's layout.
     pub fn open(path: &Path) -> Result<Model> {
-        let bytes = map_file(path)?;
-        Model::from_bytes(path, bytes).map_err(|e| e.in_file(path))
+        let mapped = map_file(path)?;
+        let bytes = mapped.as_ref().map_or_else(Bytes::new, Mapped::bytes);
+        let mut model = Model::from_bytes(path, bytes).map_err(|e| e.in_file(path))?;
+        model.mapped = mapped;
+        Ok(model)
+    }
+
+    /// Lets go of the mapped pages of the model and its external data (see [`Mapped::release`]).
+    pub fn release_pages(&self) {
+        self.mapped.iter().for_each(Mapped::release);
+        self.external.release_pages();
     }
 
     /// Reads a model from bytes; `path` locates external data and names the model in errors.
@@ -118,6 +158,7 @@ impl Model {
             opset_import,
             ir_version,
             external: ExternalStore::default(),
+            mapped: None,
         };
         let graph_fields = wire::scan(graph_bytes, graph.payload.start)
             .map_err(|e| malformed(format!("graph: {e}")))?;
@@ -191,8 +232,15 @@ fn decode<M: Message + Default>(bytes: &Bytes, f: &Field, what: &str) -> Result<
         .map_err(|e| format!("{what} at byte {}: {e}", f.whole.start))
 }
 
-/// Maps a whole file read-only.
-pub(crate) fn map_file(path: &Path) -> Result<Bytes> {
+impl Mapped {
+    /// The whole file, sharing the map.
+    pub fn bytes(&self) -> Bytes {
+        Bytes::from_owner(MapOwner(self.map.clone()))
+    }
+}
+
+/// Opens and maps a whole file read-only; `None` for an empty file (which cannot be mapped).
+pub(crate) fn map_file(path: &Path) -> Result<Option<Mapped>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
@@ -202,10 +250,13 @@ pub(crate) fn map_file(path: &Path) -> Result<Bytes> {
         ));
     }
     if meta.len() == 0 {
-        return Ok(Bytes::new());
+        return Ok(None);
     }
     // SAFETY: the map is read-only; a file truncated by another process while we read it is
     // outside what any reader of a memory-mapped file can defend against.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Bytes::from_owner(map))
+    Ok(Some(Mapped {
+        file,
+        map: std::sync::Arc::new(map),
+    }))
 }

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::splice::Sink;
 use crate::error::{Error, Result};
 
 /// The sidecar path for an output model: `OUT.data` next to it, and its location string.
@@ -70,24 +71,59 @@ pub fn check_output(output: &Path, protected: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Writes the model (and its sidecar) atomically.
-pub fn write(output: &Path, model: &[u8], sidecar: Option<(&Path, &[u8])>) -> Result<()> {
-    let staged_sidecar = match sidecar {
-        Some((path, data)) => Some((path, stage(path, data)?)),
-        None => None,
+/// Writes the model (and its sidecar) atomically: `fill` writes into sinks over temporary files
+/// in the destination directory, which are renamed into place only if it succeeds (sidecar
+/// first, so a model never points to missing data); otherwise they vanish.
+pub fn write_with(
+    output: &Path,
+    sidecar: Option<&Path>,
+    fill: impl FnOnce(&mut Sink, Option<&mut Sink>) -> Result<()>,
+) -> Result<()> {
+    let model_tmp = temporary(output)?;
+    let sidecar_tmp = sidecar.map(temporary).transpose()?;
+    let sink = |tmp: &tempfile::NamedTempFile, path: &Path| -> Result<Sink> {
+        let file = tmp.as_file().try_clone().map_err(|e| Error::io(path, e))?;
+        Ok(Sink::File(std::io::BufWriter::with_capacity(1 << 20, file)))
     };
-    let staged_model = stage(output, model)?;
-    if let Some((path, tmp)) = staged_sidecar {
+    let mut model_sink = sink(&model_tmp, output)?;
+    let mut sidecar_sink = match (&sidecar_tmp, sidecar) {
+        (Some(tmp), Some(path)) => Some(sink(tmp, path)?),
+        _ => None,
+    };
+    fill(&mut model_sink, sidecar_sink.as_mut())?;
+    drop((model_sink, sidecar_sink));
+    for (tmp, path) in sidecar_tmp
+        .iter()
+        .zip(sidecar)
+        .chain([(&model_tmp, output)])
+    {
+        tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
+    }
+    if let (Some(tmp), Some(path)) = (sidecar_tmp, sidecar) {
         tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     }
-    staged_model
+    model_tmp
         .persist(output)
         .map_err(|e| Error::io(output, e.error))?;
     Ok(())
 }
 
-/// Writes `data` to a temporary file next to `path`; it vanishes unless persisted.
-fn stage(path: &Path, data: &[u8]) -> Result<tempfile::NamedTempFile> {
+/// Writes the model (and its sidecar) from memory, atomically.
+pub fn write(output: &Path, model: &[u8], sidecar: Option<(&Path, &[u8])>) -> Result<()> {
+    write_with(output, sidecar.map(|(p, _)| p), |m, s| {
+        let io = |e| Error::io(output, e);
+        if let Sink::File(w) = m {
+            w.write_all(model).map_err(io)?;
+        }
+        if let (Some(Sink::File(w)), Some((_, data))) = (s, sidecar) {
+            w.write_all(data).map_err(io)?;
+        }
+        Ok(())
+    })
+}
+
+/// An empty temporary file next to `path`; it vanishes unless persisted.
+fn temporary(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = parent_dir(path);
     let mut builder = tempfile::Builder::new();
     builder.prefix(".onnx-repvgg-").suffix(".tmp");
@@ -97,10 +133,7 @@ fn stage(path: &Path, data: &[u8]) -> Result<tempfile::NamedTempFile> {
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(data).map_err(|e| Error::io(path, e))?;
-    tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
-    Ok(tmp)
+    builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))
 }
 
 #[cfg(test)]

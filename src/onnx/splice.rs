@@ -1,8 +1,16 @@
-//! Writing a patched model without re-encoding what did not change: the model and graph are
-//! re-assembled field by field from the input's bytes, so untouched nodes, tensors, metadata and
-//! fields unknown to our schema come out byte for byte. Only replaced nodes and new tensors are
-//! encoded. With external data, tensor bytes go to one sidecar (offsets aligned to 4 KiB) and each
-//! such tensor's `external_data` entries are rewritten in place of the old ones.
+//! Writing a patched model without re-encoding what did not change, and without holding it in
+//! memory. The output is planned as a list of actions — copy this byte range of the input, write
+//! these few encoded bytes, write the data of that new tensor — whose lengths are all known
+//! before anything is computed, so protobuf's length prefixes can be written first. Then the
+//! actions run in order: untouched ranges are copied file to file by the kernel
+//! (`copy_file_range`), and each block's fused tensors are computed, written and dropped one
+//! block at a time. Untouched nodes, tensors, metadata and fields unknown to our schema come out
+//! byte for byte. With external data, tensor bytes go to one sidecar (offsets aligned to 4 KiB)
+//! and each such tensor's `external_data` entries are rewritten in place of the old ones.
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::ops::Range;
 
 use bytes::Bytes;
 use prost::Message;
@@ -10,9 +18,9 @@ use prost::Message;
 use super::external::is_external;
 use super::model::{GraphItem, Model, graph_field, model_field};
 use super::proto::{StringStringEntryProto, TensorProto};
-use super::wire::{self, put_bytes_field, put_varint_field};
+use super::wire::{self, bytes_field_len, put_bytes_field, put_varint_field};
 use crate::error::{Error, Result};
-use crate::rewrite::Patch;
+use crate::rewrite::{NewTensor, Patch};
 
 /// TensorProto field numbers the splice rewrites.
 mod tensor_field {
@@ -28,7 +36,7 @@ pub const ALIGNMENT: usize = 4096;
 pub const EXTERNAL_THRESHOLD: usize = 1024;
 
 /// Protobuf's hard limit for one message.
-pub const PROTOBUF_LIMIT: usize = i32::MAX as usize;
+pub const PROTOBUF_LIMIT: u64 = i32::MAX as u64;
 
 /// How the output stores tensor data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,26 +49,53 @@ pub enum DataLayout {
     Sidecar { location: String, move_inline: bool },
 }
 
-/// The bytes of the output model and of its sidecar, if any.
-#[derive(Debug, Default)]
-pub struct Spliced {
-    pub model: Vec<u8>,
-    pub sidecar: Option<Vec<u8>>,
+/// Where copied bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// The input model file.
+    Model,
+    /// An external data file of the input, by location.
+    External(String),
 }
 
-/// Assembles the output model.
-pub fn splice(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Spliced> {
-    let mut sidecar = match layout {
-        DataLayout::Inline => None,
-        DataLayout::Sidecar { location, .. } => Some(Sidecar::new(location)),
-    };
-    let move_inline = matches!(
-        layout,
-        DataLayout::Sidecar {
-            move_inline: true,
-            ..
-        }
-    );
+/// What to put next into which file.
+#[derive(Debug)]
+enum Piece {
+    Copy(Source, Range<usize>),
+    Bytes(Vec<u8>),
+    Zeros(usize),
+    /// The data of new tensor `i` of the patch.
+    Data(usize),
+}
+
+#[derive(Debug)]
+enum Action {
+    Model(Piece),
+    Sidecar(Piece),
+}
+
+/// The planned output: the actions, and the sizes of the files they make.
+#[derive(Debug)]
+pub struct Output {
+    actions: Vec<Action>,
+    pub model_len: u64,
+    /// The sidecar's size, when one is written.
+    pub sidecar_len: Option<u64>,
+}
+
+/// Plans the output of `model` with `patch` applied.
+pub fn plan(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Output> {
+    if patch.is_empty() && *layout == DataLayout::Inline {
+        return Ok(Output {
+            actions: vec![Action::Model(Piece::Copy(
+                Source::Model,
+                0..model.bytes.len(),
+            ))],
+            model_len: model.bytes.len() as u64,
+            sidecar_len: None,
+        });
+    }
+    let mut graph = Planner::new(layout);
     let bytes = &model.bytes;
     let last_initializer = model
         .graph_fields
@@ -70,59 +105,76 @@ pub fn splice(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Splic
         .graph_fields
         .iter()
         .rposition(|(_, item)| matches!(item, GraphItem::Input(_)));
-    let mut graph = Vec::with_capacity(model.fields[model.graph_field].payload.len());
+    let move_inline = matches!(
+        layout,
+        DataLayout::Sidecar {
+            move_inline: true,
+            ..
+        }
+    );
     for (pos, (field, item)) in model.graph_fields.iter().enumerate() {
         match *item {
             GraphItem::Node(i) if patch.removed_nodes.contains(&i) => {}
             GraphItem::Node(i) => match patch.replaced.get(&i) {
-                Some(node) => put_bytes_field(&mut graph, graph_field::NODE, &node.encode_to_vec()),
-                None => graph.extend_from_slice(&bytes[field.whole.clone()]),
+                Some(node) => graph.field(graph_field::NODE, node.encode_to_vec()),
+                None => graph.copy(field.whole.clone()),
             },
             GraphItem::Initializer(i) if patch.removed_initializers.contains(&i) => {}
             GraphItem::Initializer(i) => {
                 let t = &model.initializers[i];
                 let payload = &bytes[field.payload.clone()];
-                match sidecar.as_mut() {
-                    Some(side) if is_external(t) => {
-                        let data = model.external.bytes(t)?;
-                        let rewritten = side.relocate(payload, t, &data)?;
-                        put_bytes_field(&mut graph, graph_field::INITIALIZER, &rewritten);
-                    }
-                    Some(side) if move_inline && inline_raw(t).is_some() => {
-                        let data = inline_raw(t).cloned().unwrap_or_default();
-                        let rewritten = side.relocate(payload, t, &data)?;
-                        put_bytes_field(&mut graph, graph_field::INITIALIZER, &rewritten);
-                    }
-                    _ => graph.extend_from_slice(&bytes[field.whole.clone()]),
+                if graph.sidecar.is_some() && is_external(t) {
+                    let (location, range) = model.external.range(t)?;
+                    graph.relocate(payload, t, Source::External(location), range)?;
+                } else if graph.sidecar.is_some() && move_inline && inline_raw(t).is_some() {
+                    let range = raw_range(bytes, field.payload.clone(), t)?;
+                    graph.relocate(payload, t, Source::Model, range)?;
+                } else {
+                    graph.copy(field.whole.clone());
                 }
             }
             GraphItem::ValueInfo(i) if patch.removed_value_info.contains(&i) => {}
             GraphItem::Input(i) if patch.removed_inputs.contains(&i) => {}
-            _ => graph.extend_from_slice(&bytes[field.whole.clone()]),
+            _ => graph.copy(field.whole.clone()),
         }
         if Some(pos) == last_input {
             for v in &patch.new_inputs {
-                put_bytes_field(&mut graph, graph_field::INPUT, &v.encode_to_vec());
+                graph.field(graph_field::INPUT, v.encode_to_vec());
             }
         }
         if Some(pos) == last_initializer {
-            put_new_tensors(&mut graph, &patch.new_initializers, sidecar.as_mut())?;
+            graph.new_tensors(&patch.new_tensors);
         }
     }
     if last_initializer.is_none() {
-        put_new_tensors(&mut graph, &patch.new_initializers, sidecar.as_mut())?;
+        graph.new_tensors(&patch.new_tensors);
     }
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut actions = Vec::with_capacity(graph.actions.len() + model.fields.len() + 1);
+    let mut model_len = 0u64;
     for (i, field) in model.fields.iter().enumerate() {
         if i == model.graph_field {
-            put_bytes_field(&mut out, model_field::GRAPH, &graph);
+            let mut header = Vec::new();
+            prost::encoding::encode_key(
+                model_field::GRAPH,
+                prost::encoding::WireType::LengthDelimited,
+                &mut header,
+            );
+            prost::encoding::encode_varint(graph.model_len, &mut header);
+            model_len += header.len() as u64 + graph.model_len;
+            actions.push(Action::Model(Piece::Bytes(header)));
+            actions.append(&mut graph.actions);
         } else {
-            out.extend_from_slice(&bytes[field.whole.clone()]);
+            model_len += field.whole.len() as u64;
+            actions.push(Action::Model(Piece::Copy(
+                Source::Model,
+                field.whole.clone(),
+            )));
         }
     }
-    Ok(Spliced {
-        model: out,
-        sidecar: sidecar.map(|s| s.data),
+    Ok(Output {
+        actions,
+        model_len,
+        sidecar_len: graph.sidecar.map(|s| s.len as u64),
     })
 }
 
@@ -133,79 +185,302 @@ fn inline_raw(t: &TensorProto) -> Option<&Bytes> {
         .filter(|r| r.len() >= EXTERNAL_THRESHOLD && !is_external(t))
 }
 
-fn put_new_tensors(
-    graph: &mut Vec<u8>,
-    tensors: &[TensorProto],
-    mut sidecar: Option<&mut Sidecar>,
-) -> Result<()> {
-    for t in tensors {
-        let encoded = t.encode_to_vec();
-        let payload = match (sidecar.as_deref_mut(), inline_raw(t)) {
-            (Some(side), Some(data)) => side.relocate(&encoded, t, data)?,
-            _ => encoded,
-        };
-        put_bytes_field(graph, graph_field::INITIALIZER, &payload);
-    }
-    Ok(())
+/// Where an inline tensor's `raw_data` lies in the model file.
+fn raw_range(bytes: &Bytes, payload: Range<usize>, t: &TensorProto) -> Result<Range<usize>> {
+    wire::scan(&bytes[payload.clone()], payload.start)
+        .map_err(|e| Error::tensor(t.name(), e))?
+        .into_iter()
+        .rfind(|f| f.number == tensor_field::RAW_DATA)
+        .map(|f| f.payload)
+        .ok_or_else(|| Error::tensor(t.name(), "no raw_data"))
 }
 
-/// The sidecar file being assembled.
-struct Sidecar {
+/// The sidecar being laid out.
+struct SidecarPlan {
     location: String,
-    data: Vec<u8>,
+    len: usize,
 }
 
-impl Sidecar {
-    fn new(location: &str) -> Sidecar {
-        Sidecar {
-            location: location.to_string(),
-            data: Vec::new(),
+struct Planner {
+    actions: Vec<Action>,
+    model_len: u64,
+    sidecar: Option<SidecarPlan>,
+}
+
+impl Planner {
+    fn new(layout: &DataLayout) -> Planner {
+        Planner {
+            actions: Vec::new(),
+            model_len: 0,
+            sidecar: match layout {
+                DataLayout::Inline => None,
+                DataLayout::Sidecar { location, .. } => Some(SidecarPlan {
+                    location: location.clone(),
+                    len: 0,
+                }),
+            },
         }
     }
 
-    /// Appends `data` at the next aligned offset and returns the tensor's payload re-written to
-    /// point there: its fields copied in order except raw_data, external_data and data_location,
-    /// then the new location entries (other external_data keys kept).
-    fn relocate(&mut self, payload: &[u8], t: &TensorProto, data: &[u8]) -> Result<Vec<u8>> {
-        let offset = self.data.len().next_multiple_of(ALIGNMENT);
-        self.data.resize(offset, 0);
-        self.data.extend_from_slice(data);
-        let fields = wire::scan(payload, 0).map_err(|e| Error::tensor(t.name(), e))?;
-        let mut out = Vec::with_capacity(payload.len() + 64);
-        for f in &fields {
-            let keep = match f.number {
-                tensor_field::RAW_DATA | tensor_field::DATA_LOCATION => false,
-                tensor_field::EXTERNAL_DATA => {
-                    let entry = StringStringEntryProto::decode(&payload[f.payload.clone()])
-                        .map_err(|e| Error::tensor(t.name(), e.to_string()))?;
-                    !matches!(entry.key(), "location" | "offset" | "length")
-                }
-                _ => true,
-            };
-            if keep {
-                out.extend_from_slice(&payload[f.whole.clone()]);
+    fn copy(&mut self, range: Range<usize>) {
+        self.model_len += range.len() as u64;
+        self.actions
+            .push(Action::Model(Piece::Copy(Source::Model, range)));
+    }
+
+    fn bytes(&mut self, bytes: Vec<u8>) {
+        self.model_len += bytes.len() as u64;
+        self.actions.push(Action::Model(Piece::Bytes(bytes)));
+    }
+
+    fn field(&mut self, number: u32, payload: Vec<u8>) {
+        let mut out = Vec::with_capacity(payload.len() + 8);
+        put_bytes_field(&mut out, number, &payload);
+        self.bytes(out);
+    }
+
+    /// Reserves `len` bytes at the next aligned offset of the sidecar; returns the offset.
+    fn reserve(&mut self, len: usize) -> usize {
+        let side = self.sidecar.as_mut().expect("sidecar planned");
+        let offset = side.len.next_multiple_of(ALIGNMENT);
+        let pad = offset - side.len;
+        side.len = offset + len;
+        if pad > 0 {
+            self.actions.push(Action::Sidecar(Piece::Zeros(pad)));
+        }
+        offset
+    }
+
+    /// An initializer whose data moves to the sidecar: its other fields kept in order, its
+    /// location entries rewritten.
+    fn relocate(
+        &mut self,
+        payload: &[u8],
+        t: &TensorProto,
+        source: Source,
+        range: Range<usize>,
+    ) -> Result<()> {
+        let offset = self.reserve(range.len());
+        self.actions
+            .push(Action::Sidecar(Piece::Copy(source, range.clone())));
+        let location = self
+            .sidecar
+            .as_ref()
+            .map(|s| s.location.clone())
+            .unwrap_or_default();
+        let header = relocated_header(payload, t, &location, offset, range.len())?;
+        self.field(graph_field::INITIALIZER, header);
+        Ok(())
+    }
+
+    /// The fused tensors: headers now, data when the block is folded.
+    fn new_tensors(&mut self, tensors: &[NewTensor]) {
+        for (i, t) in tensors.iter().enumerate() {
+            let header = t.header().encode_to_vec();
+            let len = t.data_len();
+            if self.sidecar.is_some() && len >= EXTERNAL_THRESHOLD {
+                let offset = self.reserve(len);
+                self.actions.push(Action::Sidecar(Piece::Data(i)));
+                let location = self
+                    .sidecar
+                    .as_ref()
+                    .map(|s| s.location.clone())
+                    .unwrap_or_default();
+                let mut payload = header;
+                put_location(&mut payload, &location, offset, len);
+                self.field(graph_field::INITIALIZER, payload);
+            } else {
+                let payload_len = header.len() + bytes_field_len(tensor_field::RAW_DATA, len);
+                let mut prefix = Vec::with_capacity(header.len() + 16);
+                prost::encoding::encode_key(
+                    graph_field::INITIALIZER,
+                    prost::encoding::WireType::LengthDelimited,
+                    &mut prefix,
+                );
+                prost::encoding::encode_varint(payload_len as u64, &mut prefix);
+                prefix.extend_from_slice(&header);
+                prost::encoding::encode_key(
+                    tensor_field::RAW_DATA,
+                    prost::encoding::WireType::LengthDelimited,
+                    &mut prefix,
+                );
+                prost::encoding::encode_varint(len as u64, &mut prefix);
+                self.bytes(prefix);
+                self.model_len += len as u64;
+                self.actions.push(Action::Model(Piece::Data(i)));
             }
         }
-        for (key, value) in [
-            ("location", self.location.clone()),
-            ("offset", offset.to_string()),
-            ("length", data.len().to_string()),
-        ] {
-            let entry = StringStringEntryProto {
-                key: Some(key.into()),
-                value: Some(value),
-            };
-            put_bytes_field(
-                &mut out,
-                tensor_field::EXTERNAL_DATA,
-                &entry.encode_to_vec(),
-            );
-        }
-        put_varint_field(
-            &mut out,
-            tensor_field::DATA_LOCATION,
-            super::external::EXTERNAL as u64,
-        );
-        Ok(out)
     }
+}
+
+/// A tensor's payload with raw_data, external_data and data_location dropped (other
+/// external_data keys kept), then the new location entries.
+fn relocated_header(
+    payload: &[u8],
+    t: &TensorProto,
+    location: &str,
+    offset: usize,
+    len: usize,
+) -> Result<Vec<u8>> {
+    let fields = wire::scan(payload, 0).map_err(|e| Error::tensor(t.name(), e))?;
+    let mut out = Vec::with_capacity(payload.len().min(4096) + 64);
+    for f in &fields {
+        let keep = match f.number {
+            tensor_field::RAW_DATA | tensor_field::DATA_LOCATION => false,
+            tensor_field::EXTERNAL_DATA => {
+                let entry = StringStringEntryProto::decode(&payload[f.payload.clone()])
+                    .map_err(|e| Error::tensor(t.name(), e.to_string()))?;
+                !matches!(entry.key(), "location" | "offset" | "length")
+            }
+            _ => true,
+        };
+        if keep {
+            out.extend_from_slice(&payload[f.whole.clone()]);
+        }
+    }
+    put_location(&mut out, location, offset, len);
+    Ok(out)
+}
+
+fn put_location(out: &mut Vec<u8>, location: &str, offset: usize, len: usize) {
+    for (key, value) in [
+        ("location", location.to_string()),
+        ("offset", offset.to_string()),
+        ("length", len.to_string()),
+    ] {
+        let entry = StringStringEntryProto {
+            key: Some(key.into()),
+            value: Some(value),
+        };
+        put_bytes_field(out, tensor_field::EXTERNAL_DATA, &entry.encode_to_vec());
+    }
+    put_varint_field(
+        out,
+        tensor_field::DATA_LOCATION,
+        super::external::EXTERNAL as u64,
+    );
+}
+
+/// Where output goes: a file (written through a buffer; copies done by the kernel) or memory.
+pub enum Sink {
+    File(BufWriter<File>),
+    Memory(Vec<u8>),
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::File(w) => w.write_all(bytes),
+            Sink::Memory(v) => {
+                v.extend_from_slice(bytes);
+                Ok(())
+            }
+        }
+    }
+
+    fn copy(
+        &mut self,
+        file: Option<&File>,
+        bytes: &Bytes,
+        range: Range<usize>,
+    ) -> std::io::Result<()> {
+        match (self, file) {
+            (Sink::File(w), Some(file)) => {
+                w.flush()?;
+                let mut input = file;
+                input.seek(SeekFrom::Start(range.start as u64))?;
+                let copied = std::io::copy(&mut input.take(range.len() as u64), w.get_mut())?;
+                if copied != range.len() as u64 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the input file changed while it was read",
+                    ));
+                }
+                Ok(())
+            }
+            (sink, _) => {
+                let slice = bytes.get(range).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "range past the end")
+                })?;
+                sink.write(slice)
+            }
+        }
+    }
+
+    /// Flushes a file sink.
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::File(w) => w.flush(),
+            Sink::Memory(_) => Ok(()),
+        }
+    }
+}
+
+use std::io::Read as _;
+
+/// Runs the planned actions. `produce(plan)` returns the data of the plan's new tensors, in the
+/// order of `patch.new_tensors`; it is called once per block, when the block's first tensor is
+/// written, and its result dropped when the next block's is needed.
+pub fn write(
+    output: &Output,
+    model: &Model,
+    patch: &Patch,
+    model_sink: &mut Sink,
+    mut sidecar_sink: Option<&mut Sink>,
+    produce: &mut dyn FnMut(usize) -> Result<Vec<Bytes>>,
+) -> Result<()> {
+    let io = |path: &std::path::Path, e: std::io::Error| Error::io(path, e);
+    let mut current: Option<(usize, Vec<Bytes>)> = None;
+    for action in &output.actions {
+        let (sink, piece) = match action {
+            Action::Model(p) => (&mut *model_sink, p),
+            Action::Sidecar(p) => match sidecar_sink.as_deref_mut() {
+                Some(s) => (s, p),
+                None => {
+                    return Err(Error::Graph(
+                        "a sidecar was planned but none is written".into(),
+                    ));
+                }
+            },
+        };
+        match piece {
+            Piece::Copy(Source::Model, range) => sink
+                .copy(
+                    model.mapped.as_ref().map(|m| &m.file),
+                    &model.bytes,
+                    range.clone(),
+                )
+                .map_err(|e| io(&model.path, e))?,
+            Piece::Copy(Source::External(location), range) => {
+                let (file, bytes) = model.external.file(location)?;
+                sink.copy(file, bytes, range.clone())
+                    .map_err(|e| io(&model.path, e))?
+            }
+            Piece::Bytes(b) => sink.write(b).map_err(|e| io(&model.path, e))?,
+            Piece::Zeros(n) => sink.write(&vec![0; *n]).map_err(|e| io(&model.path, e))?,
+            Piece::Data(i) => {
+                let t = &patch.new_tensors[*i];
+                if current.as_ref().is_none_or(|(plan, _)| *plan != t.plan) {
+                    current.take();
+                    current = Some((t.plan, produce(t.plan)?));
+                }
+                let data = current
+                    .as_ref()
+                    .and_then(|(_, data)| data.get(t.slot))
+                    .ok_or_else(|| Error::tensor(&t.name, "its block produced no data for it"))?;
+                if data.len() != t.data_len() {
+                    return Err(Error::tensor(
+                        &t.name,
+                        "its block produced data of the wrong size",
+                    ));
+                }
+                sink.write(data).map_err(|e| io(&model.path, e))?;
+            }
+        }
+    }
+    model_sink.finish().map_err(|e| io(&model.path, e))?;
+    if let Some(s) = sidecar_sink {
+        s.finish().map_err(|e| io(&model.path, e))?;
+    }
+    Ok(())
 }
