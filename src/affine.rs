@@ -336,17 +336,29 @@ impl AffineConv {
     /// The identity on `channels` channels as a 1-tap convolution with `group` groups:
     /// `W[i, i mod (C/group), 0, ..] = 1`.
     pub fn identity(channels: usize, group: usize, rank: usize) -> AffineConv {
+        AffineConv::identity_rows(channels, group, rank, 0..channels)
+    }
+
+    /// The output channels `rows` of [`AffineConv::identity`].
+    pub fn identity_rows(
+        channels: usize,
+        group: usize,
+        rank: usize,
+        rows: std::ops::Range<usize>,
+    ) -> AffineConv {
         let layout = Layout::identity(channels, group, rank);
         let per_group = layout.in_per_group.max(1);
-        let mut weight = ArrayD::zeros(IxDyn(&layout.weight_dims()));
-        for i in 0..channels {
-            let mut idx = vec![i, i % per_group];
+        let mut dims = layout.weight_dims();
+        dims[0] = rows.len();
+        let mut weight = ArrayD::zeros(IxDyn(&dims));
+        for i in rows.clone() {
+            let mut idx = vec![i - rows.start, i % per_group];
             idx.extend(std::iter::repeat_n(0, rank));
             weight[IxDyn(&idx)] = 1.0;
         }
         AffineConv {
             weight,
-            bias: Array1::zeros(channels),
+            bias: Array1::zeros(rows.len()),
             geometry: layout.geometry,
         }
     }

@@ -4,6 +4,8 @@
 //! Conv attributes (ONNX Conv v1/v11/v22) and the BatchNormalization epsilon is read, never
 //! assumed. Anything that makes a fold inexact is a named reason to skip the block.
 
+use std::ops::Range;
+
 use ndarray::Array1;
 
 use crate::affine::{AffineConv, AlgebraError, Geometry, Layout};
@@ -47,6 +49,8 @@ struct Context {
     out_channels: usize,
     group: usize,
     strides: Vec<usize>,
+    /// The output channels computed (all of them when planning).
+    rows: Range<usize>,
 }
 
 /// Options that change what may be folded.
@@ -59,9 +63,9 @@ pub struct FoldOptions {
 /// What [`eval`] builds: the numbers ([`AffineConv`]) or only the shape ([`Layout`]). Both go
 /// through the same checks, so a block planned on layouts folds the same way on numbers.
 trait Algebra: Sized {
-    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError>;
-    fn identity(channels: usize, group: usize, rank: usize) -> Self;
-    fn avg_pool(layout: Layout) -> Self;
+    fn conv(index: &GraphIndex, n: usize, rows: &Range<usize>) -> Result<Self, FoldError>;
+    fn identity(channels: usize, group: usize, rank: usize, rows: &Range<usize>) -> Self;
+    fn avg_pool(layout: Layout, rows: &Range<usize>) -> Self;
     fn layout(&self) -> Layout;
     fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError>;
     fn negate(self) -> Self;
@@ -69,13 +73,13 @@ trait Algebra: Sized {
 }
 
 impl Algebra for Layout {
-    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
+    fn conv(index: &GraphIndex, n: usize, _rows: &Range<usize>) -> Result<Self, FoldError> {
         Ok(conv_layout(index, n)?.0)
     }
-    fn identity(channels: usize, group: usize, rank: usize) -> Self {
+    fn identity(channels: usize, group: usize, rank: usize, _rows: &Range<usize>) -> Self {
         Layout::identity(channels, group, rank)
     }
-    fn avg_pool(layout: Layout) -> Self {
+    fn avg_pool(layout: Layout, _rows: &Range<usize>) -> Self {
         layout
     }
     fn layout(&self) -> Layout {
@@ -93,26 +97,27 @@ impl Algebra for Layout {
 }
 
 impl Algebra for AffineConv {
-    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
-        conv_term(index, n)
+    fn conv(index: &GraphIndex, n: usize, rows: &Range<usize>) -> Result<Self, FoldError> {
+        conv_term(index, n, rows)
     }
-    fn identity(channels: usize, group: usize, rank: usize) -> Self {
-        AffineConv::identity(channels, group, rank)
+    fn identity(channels: usize, group: usize, rank: usize, rows: &Range<usize>) -> Self {
+        AffineConv::identity_rows(channels, group, rank, rows.clone())
     }
-    fn avg_pool(layout: Layout) -> Self {
-        let channels = layout.out_channels;
+    fn avg_pool(layout: Layout, rows: &Range<usize>) -> Self {
         let per_group = layout.in_per_group.max(1);
         let taps: usize = layout.kernel.iter().product();
-        let mut weight = ndarray::ArrayD::zeros(ndarray::IxDyn(&layout.weight_dims()));
-        for c in 0..channels {
+        let mut dims = layout.weight_dims();
+        dims[0] = rows.len();
+        let mut weight = ndarray::ArrayD::zeros(ndarray::IxDyn(&dims));
+        for c in rows.clone() {
             weight
-                .index_axis_mut(ndarray::Axis(0), c)
+                .index_axis_mut(ndarray::Axis(0), c - rows.start)
                 .index_axis_mut(ndarray::Axis(0), c % per_group)
                 .fill(1.0 / taps as f64);
         }
         AffineConv {
             weight,
-            bias: Array1::zeros(channels),
+            bias: Array1::zeros(rows.len()),
             geometry: layout.geometry,
         }
     }
@@ -148,6 +153,22 @@ pub fn fold(index: &GraphIndex, block: &Block, options: FoldOptions) -> Result<F
     Ok(Folded { conv, dtype })
 }
 
+/// Folds only the output channels `rows` (every fold is separable by output channel): a weight
+/// `[rows, C/group, k…]` and bias `[rows]`, so that big blocks fold in small pieces.
+pub fn fold_rows(
+    index: &GraphIndex,
+    block: &Block,
+    options: FoldOptions,
+    rows: Range<usize>,
+) -> Result<AffineConv, FoldError> {
+    let (mut ctx, _) = context(index, block)?;
+    if rows.end > ctx.out_channels {
+        return skip(format!("rows {rows:?} of {} channels", ctx.out_channels));
+    }
+    ctx.rows = rows;
+    eval::<AffineConv>(index, &block.term, &ctx, options)
+}
+
 fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), FoldError> {
     let Some(&first) = block.convs().first() else {
         return skip("no Conv branch");
@@ -158,6 +179,7 @@ fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), Fo
         out_channels: probe.out_channels,
         group: probe.geometry.group,
         strides: probe.geometry.strides.clone(),
+        rows: 0..probe.out_channels,
     };
     Ok((ctx, dtype))
 }
@@ -169,16 +191,21 @@ fn eval<A: Algebra>(
     options: FoldOptions,
 ) -> Result<A, FoldError> {
     match term {
-        Term::Conv(n) => A::conv(index, *n),
-        Term::AvgPool(n) => Ok(A::avg_pool(avg_pool_layout(index, *n, ctx)?)),
+        Term::Conv(n) => A::conv(index, *n, &ctx.rows),
+        Term::AvgPool(n) => Ok(A::avg_pool(avg_pool_layout(index, *n, ctx)?, &ctx.rows)),
         Term::Raw(_) => {
             identity_check(ctx, "identity")?;
-            Ok(A::identity(ctx.in_channels, ctx.group, ctx.strides.len()))
+            Ok(A::identity(
+                ctx.in_channels,
+                ctx.group,
+                ctx.strides.len(),
+                &ctx.rows,
+            ))
         }
         Term::Channel { node, op, inner } => {
             let inner: A = eval(index, inner, ctx, options)?;
             let layout = inner.layout();
-            let (o, rank) = (layout.out_channels, layout.geometry.rank());
+            let (o, rank) = (ctx.out_channels, layout.geometry.rank());
             let (scale, shift) = match op {
                 ChannelOp::BatchNorm => bn_scale_shift(index, *node, options)?,
                 ChannelOp::Mul(c) => (per_channel(index, *node, c, o, rank)?, vec![0.0; o]),
@@ -197,8 +224,10 @@ fn eval<A: Algebra>(
                 ChannelOp::SubFrom(c) => (vec![-1.0; o], per_channel(index, *node, c, o, rank)?),
             };
             let name = index.node(*node).name();
+            let rows = ctx.rows.start.min(scale.len())..ctx.rows.end.min(scale.len());
+            let rows_shift = ctx.rows.start.min(shift.len())..ctx.rows.end.min(shift.len());
             inner
-                .scale_shift(&scale, &shift)
+                .scale_shift(&scale[rows], &shift[rows_shift])
                 .map_err(|e| FoldError::Skip(format!("'{name}': {e}")))
         }
         Term::Sum { terms, .. } => {
@@ -381,22 +410,22 @@ fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), Fold
     Ok((layout, dtype))
 }
 
-/// A Conv node as an affine convolution.
-fn conv_term(index: &GraphIndex, i: usize) -> Result<AffineConv, FoldError> {
+/// The output channels `rows` of a Conv node as an affine convolution.
+fn conv_term(index: &GraphIndex, i: usize, rows: &Range<usize>) -> Result<AffineConv, FoldError> {
     let (layout, _) = conv_layout(index, i)?;
     let node = index.node(i);
     let w = index
         .stored_constant(&node.input[1])
         .ok_or_else(|| FoldError::Skip("weight vanished".into()))?;
-    let weight = tensor::read_f64(&w, &index.model.external)?;
-    let bias = match node
-        .input
-        .get(2)
-        .filter(|b| !b.is_empty())
-        .and_then(|b| index.constant(b))
-    {
-        None => Array1::zeros(layout.out_channels),
-        Some(b) => Array1::from_iter(tensor::read_f64(&b, &index.model.external)?.iter().copied()),
+    let selected: Vec<usize> = rows.clone().collect();
+    let weight = tensor::read_f64_rows(&w, &index.model.external, &selected)?;
+    let bias_name = node.input.get(2).filter(|b| !b.is_empty());
+    let bias = match bias_name.and_then(|b| index.constant(b)) {
+        None => Array1::zeros(rows.len()),
+        Some(b) => {
+            let values = tensor::read_f64_rows(&b, &index.model.external, &selected)?;
+            Array1::from_iter(values.iter().copied())
+        }
     };
     Ok(AffineConv {
         weight,

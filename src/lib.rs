@@ -105,28 +105,34 @@ pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseRe
         onnx::output::check_output(path, &protected)?;
     }
     let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
-    let mut produce = |p: usize| -> Result<Vec<Bytes>> {
-        let plan = &analysis.plans[p];
-        let (data, rounding) = plan.tensors(&index)?;
-        fused[p].rounding_error = rounding;
-        let (weight, bias) = (data[0].clone(), data[1].clone());
-        if options.verify {
-            let node = &patch.replaced[&plan.block.root];
-            let tensors: Vec<&rewrite::NewTensor> =
-                patch.new_tensors.iter().filter(|t| t.plan == p).collect();
-            let deviation = verify::check(
-                &index,
-                plan,
-                node,
-                &tensors[0].with_data(weight.clone()),
-                &tensors[1].with_data(bias.clone()),
-                options.tolerance,
-            )?;
-            fused[p].deviation = Some(deviation);
-        }
-        model.release_pages();
-        Ok(data)
-    };
+    let mut produce =
+        |p: usize, write: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<Vec<Bytes>> {
+            let plan = &analysis.plans[p];
+            let sample = if options.verify {
+                verify::sample(plan)
+            } else {
+                Vec::new()
+            };
+            let produced = plan.write_tensors(&index, write, &sample)?;
+            fused[p].rounding_error = produced.rounding;
+            if options.verify {
+                let node = &patch.replaced[&plan.block.root];
+                let bias = tensor::decode(&produced.bias, plan.dtype);
+                let bias = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
+                    .map_err(|e| Error::Graph(e.to_string()))?;
+                let deviation = verify::check(
+                    &index,
+                    plan,
+                    node,
+                    &produced.sampled,
+                    &bias,
+                    options.tolerance,
+                )?;
+                fused[p].deviation = Some(deviation);
+            }
+            model.release_pages();
+            Ok(vec![produced.bias])
+        };
     onnx::output::write_with(output, sidecar, |model_sink, sidecar_sink| {
         splice::write(
             &planned,

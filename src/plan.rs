@@ -112,15 +112,87 @@ impl BlockPlan {
     }
 }
 
+/// What writing a block's fused tensors leaves to check and report.
+#[derive(Debug, Clone)]
+pub struct Produced {
+    /// The encoded bias.
+    pub bias: bytes::Bytes,
+    /// The written weight rows of the requested output channels, decoded, in request order.
+    pub sampled: ndarray::ArrayD<f64>,
+    /// For half-precision weights, see [`rounding_error`].
+    pub rounding: Option<f64>,
+}
+
+/// Output channels folded at a time: about 4 MB of f64 weights.
+const CHUNK_ELEMENTS: usize = 1 << 19;
+
 impl BlockPlan {
-    /// The fused weight and bias as the bytes written (little-endian, in the planned element
-    /// type), and the rounding that writing half-precision weights made (see [`rounding_error`]).
-    pub fn tensors(&self, index: &GraphIndex) -> Result<(Vec<bytes::Bytes>, Option<f64>)> {
-        let folded = self.fold(index)?;
-        let rounding = rounding_error(&folded);
-        let weight = tensor::to_le_bytes(&folded.conv.weight, self.dtype);
-        let bias = tensor::to_le_bytes(&folded.conv.bias.into_dyn(), self.dtype);
-        Ok((vec![weight.into(), bias.into()], rounding))
+    /// Folds the block in chunks of output channels and hands each chunk of the encoded weight
+    /// to `write` (so even the largest block never sits in memory whole); returns the encoded
+    /// bias and the written rows `sample` asks for.
+    pub fn write_tensors(
+        &self,
+        index: &GraphIndex,
+        write: &mut dyn FnMut(&[u8]) -> Result<()>,
+        sample: &[usize],
+    ) -> Result<Produced> {
+        let dims = self.layout.weight_dims();
+        let row_len: usize = dims[1..].iter().product();
+        let rows_per_chunk = (CHUNK_ELEMENTS / row_len.max(1)).max(1);
+        let mut sampled_dims = dims.clone();
+        sampled_dims[0] = sample.len();
+        let mut sampled = ndarray::ArrayD::zeros(ndarray::IxDyn(&sampled_dims));
+        let mut bias = Vec::with_capacity(self.layout.out_channels);
+        let (mut largest, mut rounded) = (0.0f64, 0.0f64);
+        let row_bytes = row_len * self.dtype.size();
+        for start in (0..self.layout.out_channels).step_by(rows_per_chunk) {
+            let rows = start..(start + rows_per_chunk).min(self.layout.out_channels);
+            let conv = match fold::fold_rows(index, &self.block, self.options, rows.clone()) {
+                Ok(c) => c,
+                Err(FoldError::Invalid(e)) => return Err(e),
+                Err(FoldError::Skip(reason)) => {
+                    return Err(crate::Error::Graph(format!(
+                        "block '{}' no longer folds: {reason}",
+                        self.info.name
+                    )));
+                }
+            };
+            if conv.weight.shape()[1..] != dims[1..] {
+                return Err(crate::Error::Graph(format!(
+                    "block '{}' folded to another shape than planned",
+                    self.info.name
+                )));
+            }
+            if matches!(self.dtype, FloatType::F16 | FloatType::Bf16) {
+                for &v in conv.weight.iter().chain(conv.bias.iter()) {
+                    largest = largest.max(v.abs());
+                    rounded = rounded.max((self.dtype.round(v) - v).abs());
+                }
+            }
+            let encoded = tensor::to_le_bytes(&conv.weight, self.dtype);
+            write(&encoded)?;
+            for (i, &r) in sample.iter().enumerate() {
+                if rows.contains(&r) {
+                    let at = (r - start) * row_bytes;
+                    let values = tensor::decode(&encoded[at..at + row_bytes], self.dtype);
+                    let mut row = sampled.index_axis_mut(ndarray::Axis(0), i);
+                    row.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+                }
+            }
+            bias.extend(conv.bias.iter().copied());
+        }
+        let bias = tensor::to_le_bytes(
+            &ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
+                .map_err(|e| crate::Error::Graph(e.to_string()))?,
+            self.dtype,
+        );
+        let rounding = matches!(self.dtype, FloatType::F16 | FloatType::Bf16)
+            .then(|| rounded / largest.max(f64::MIN_POSITIVE));
+        Ok(Produced {
+            bias: bias.into(),
+            sampled,
+            rounding,
+        })
     }
 }
 

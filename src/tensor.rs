@@ -325,15 +325,43 @@ pub fn read_i64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<i64>
 /// Encodes values as little-endian bytes of `ty` (rounding to nearest).
 pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * ty.size());
-    for &v in values.iter() {
-        match ty {
-            FloatType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-            FloatType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-            FloatType::F16 => out.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
-            FloatType::Bf16 => out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
-        }
+    match ty {
+        FloatType::F32 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as f32).to_le_bytes())),
+        FloatType::F64 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
+        FloatType::F16 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&f16::from_f64(v).to_le_bytes())),
+        FloatType::Bf16 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&bf16::from_f64(v).to_le_bytes())),
     }
     out
+}
+
+/// Decodes little-endian bytes of `ty` (the inverse of [`to_le_bytes`]).
+pub fn decode(bytes: &[u8], ty: FloatType) -> Vec<f64> {
+    match ty {
+        FloatType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        FloatType::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        FloatType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        FloatType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+    }
 }
 
 /// A new initializer holding `values` as `ty` in `raw_data`.

@@ -15,7 +15,7 @@ use ndarray::{ArrayD, Axis, IxDyn};
 
 use crate::graph::{GraphIndex, is_default_domain};
 use crate::onnx::attr;
-use crate::onnx::proto::{NodeProto, TensorProto};
+use crate::onnx::proto::NodeProto;
 use crate::tensor::{self, FloatType};
 
 /// Output channels compared per block (all of them when there are no more).
@@ -40,11 +40,15 @@ pub struct Deviation {
     pub rel: f64,
 }
 
-/// The fused Conv of a block, as it will be written.
+/// The fused Conv of a block, as written: its node, the written rows of the sampled output
+/// channels (see [`sample`]) and the written bias.
 pub struct FusedConv<'a> {
     pub node: &'a NodeProto,
-    pub weight: &'a TensorProto,
-    pub bias: &'a TensorProto,
+    /// The weight's dims.
+    pub dims: &'a [usize],
+    /// Rows of the weight for the output channels `sample(dims[0], seed)`, in that order.
+    pub rows: &'a ArrayD<f64>,
+    pub bias: &'a ArrayD<f64>,
 }
 
 /// An activation: `[1, channels, spatial…]`, where `channels` lists which of the tensor's
@@ -64,12 +68,7 @@ pub fn check_block(
     fused: &FusedConv,
     seed: u64,
 ) -> Result<Deviation, String> {
-    let dims: Vec<usize> = fused
-        .weight
-        .dims
-        .iter()
-        .map(|&d| d.max(0) as usize)
-        .collect();
+    let dims = fused.dims;
     if dims.len() < 3 {
         return Err("the fused weight has fewer than 3 dims".into());
     }
@@ -92,9 +91,10 @@ pub fn check_block(
         (rng >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
     });
     let sample = sample_channels(out_channels, seed);
-    let external = &index.model.external;
-    let w = tensor::read_f64_rows(fused.weight, external, &sample).map_err(|e| e.to_string())?;
-    let b = tensor::read_f64(fused.bias, external).map_err(|e| e.to_string())?;
+    let (w, b) = (fused.rows, fused.bias);
+    if w.shape()[0] != sample.len() {
+        return Err("the fused rows do not match the sample".into());
+    }
     let mut reference = Reference {
         index,
         input,
@@ -107,7 +107,7 @@ pub fn check_block(
     };
     let want = reference.value(output, 0)?;
     let want = select(&want, &sample)?;
-    let got = conv(fused.node, &x, &w, out_channels, Some(&b), &sample)?;
+    let got = conv(fused.node, &x, w, out_channels, Some(b), &sample)?;
     if want.shape() != got.shape() {
         return Err(format!(
             "the original computes shape {:?}, the fused Conv {:?}",
@@ -130,6 +130,20 @@ fn ints_or(node: &NodeProto, name: &str, default: usize, rank: usize) -> Vec<usi
     attr::ints(node, name)
         .map(|v| v.iter().map(|&x| x.max(0) as usize).collect())
         .unwrap_or_else(|| vec![default; rank])
+}
+
+/// The output channels the check of `plan` compares (a seeded sample; all when few).
+pub fn sample(plan: &crate::plan::BlockPlan) -> Vec<usize> {
+    sample_channels(plan.layout.out_channels, seed(plan))
+}
+
+fn seed(plan: &crate::plan::BlockPlan) -> u64 {
+    plan.info
+        .name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 /// Up to [`CHANNELS`] output channels, spread over all of them, the same for the same seed.
@@ -567,34 +581,33 @@ fn average_pool(node: &NodeProto, x: Act, outs: &[usize]) -> Result<Act, String>
     })
 }
 
-/// Checks a planned block against its fused Conv, whose weight and bias are given as they will
-/// be written; an error names the block.
+/// Checks a planned block against its fused Conv as written (`rows`: the written weight rows of
+/// [`sample`]`(plan)`, `bias`: the written bias); an error names the block.
 pub fn check(
     index: &GraphIndex,
     plan: &crate::plan::BlockPlan,
     node: &NodeProto,
-    weight: &TensorProto,
-    bias: &TensorProto,
+    rows: &ArrayD<f64>,
+    bias: &ArrayD<f64>,
     tolerance: Option<f64>,
 ) -> crate::Result<Deviation> {
     let fail = |reason: String| crate::Error::Verify {
         block: plan.info.name.clone(),
         reason,
     };
-    let fused = FusedConv { node, weight, bias };
-    let seed = plan
-        .info
-        .name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+    let dims = plan.layout.weight_dims();
+    let fused = FusedConv {
+        node,
+        dims: &dims,
+        rows,
+        bias,
+    };
     let deviation = check_block(
         index,
         &plan.block.input,
         plan.block.output(index),
         &fused,
-        seed,
+        seed(plan),
     )
     .map_err(|e| fail(format!("the original could not be evaluated: {e}")))?;
     let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.dtype));

@@ -22,7 +22,11 @@ fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
     };
     let output = splice::plan(&model, &patch, &layout).unwrap();
     let (mut model_sink, mut sidecar_sink) = (Sink::Memory(Vec::new()), Sink::Memory(Vec::new()));
-    let mut produce = |p: usize| Ok(analysis.plans[p].tensors(&index)?.0);
+    let mut produce = |p: usize, write: &mut dyn FnMut(&[u8]) -> onnx_repvgg::Result<()>| {
+        Ok(vec![
+            analysis.plans[p].write_tensors(&index, write, &[])?.bias,
+        ])
+    };
     splice::write(
         &output,
         &model,

@@ -24,31 +24,54 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
         let (model, plans) = planned(&testdata().join(format!("models/grouped/{form}.onnx")));
         let index = GraphIndex::new(&model).unwrap();
         let patch = rewrite::build(&index, &plans);
-        for (p, plan) in plans.iter().enumerate() {
+        for plan in &plans {
             let node = &patch.replaced[&plan.block.root];
-            let tensors: Vec<_> = patch.new_tensors.iter().filter(|t| t.plan == p).collect();
-            let (data, _) = plan.tensors(&index).unwrap();
-            let weight = tensors[0].with_data(data[0].clone());
-            let bias = tensors[1].with_data(data[1].clone());
-            let deviation = verify::check(&index, plan, node, &weight, &bias, None).unwrap();
+            let sample = verify::sample(plan);
+            let mut weight = Vec::new();
+            let produced = plan
+                .write_tensors(
+                    &index,
+                    &mut |chunk| {
+                        weight.extend_from_slice(chunk);
+                        Ok(())
+                    },
+                    &sample,
+                )
+                .unwrap();
+            assert_eq!(
+                weight.len(),
+                plan.layout.weight_dims().iter().product::<usize>() * 4
+            );
+            let bias: Vec<f64> = produced
+                .bias
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect();
+            let bias =
+                ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias).unwrap();
+            let deviation =
+                verify::check(&index, plan, node, &produced.sampled, &bias, None).unwrap();
             assert!(
                 deviation.rel < 1e-6,
                 "{form} {}: {deviation:?}",
                 plan.info.name
             );
 
-            // Corrupt the last weight of the block (every output channel is checked up to 64).
-            let mut raw = data[0].to_vec();
-            let at = raw.len() - 4;
-            let v = f32::from_le_bytes(raw[at..].try_into().unwrap());
-            raw[at..].copy_from_slice(&(v + 0.01).to_le_bytes());
-            let corrupted = tensors[0].with_data(raw.into());
-            let err = verify::check(&index, plan, node, &corrupted, &bias, None)
+            // Corrupt the last written weight of the block (every output channel is checked up
+            // to 64), then one bias.
+            let mut rows = produced.sampled.clone();
+            *rows.iter_mut().last().unwrap() += 0.01;
+            let err = verify::check(&index, plan, node, &rows, &bias, None)
                 .unwrap_err()
                 .to_string();
             assert!(
                 err.contains(&format!("block '{}' failed verification", plan.info.name)),
                 "{err}"
+            );
+            let mut wrong_bias = bias.clone();
+            wrong_bias[0] += 0.01;
+            assert!(
+                verify::check(&index, plan, node, &produced.sampled, &wrong_bias, None).is_err()
             );
         }
     }

@@ -418,16 +418,20 @@ impl Sink {
 
 use std::io::Read as _;
 
-/// Runs the planned actions. `produce(plan)` returns the data of the plan's new tensors, in the
-/// order of `patch.new_tensors`; it is called once per block, when the block's first tensor is
-/// written, and its result dropped when the next block's is needed.
+/// Computes a block's new tensors while they are written: `produce(plan, write)` hands the data
+/// of the plan's first tensor (its weight) to `write`, in as many pieces as it likes, and returns
+/// the data of its other tensors (the bias), which are written when their turn comes.
+pub type Produce<'a> =
+    dyn FnMut(usize, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<Vec<Bytes>> + 'a;
+
+/// Runs the planned actions.
 pub fn write(
     output: &Output,
     model: &Model,
     patch: &Patch,
     model_sink: &mut Sink,
     mut sidecar_sink: Option<&mut Sink>,
-    produce: &mut dyn FnMut(usize) -> Result<Vec<Bytes>>,
+    produce: &mut Produce,
 ) -> Result<()> {
     let io = |path: &std::path::Path, e: std::io::Error| Error::io(path, e);
     let mut current: Option<(usize, Vec<Bytes>)> = None;
@@ -458,15 +462,27 @@ pub fn write(
             }
             Piece::Bytes(b) => sink.write(b).map_err(|e| io(&model.path, e))?,
             Piece::Zeros(n) => sink.write(&vec![0; *n]).map_err(|e| io(&model.path, e))?,
+            Piece::Data(i) if patch.new_tensors[*i].slot == 0 => {
+                let t = &patch.new_tensors[*i];
+                let mut written = 0;
+                let mut write = |chunk: &[u8]| {
+                    written += chunk.len();
+                    sink.write(chunk).map_err(|e| io(&model.path, e))
+                };
+                current = Some((t.plan, produce(t.plan, &mut write)?));
+                if written != t.data_len() {
+                    return Err(Error::tensor(
+                        &t.name,
+                        "its block produced data of the wrong size",
+                    ));
+                }
+            }
             Piece::Data(i) => {
                 let t = &patch.new_tensors[*i];
-                if current.as_ref().is_none_or(|(plan, _)| *plan != t.plan) {
-                    current.take();
-                    current = Some((t.plan, produce(t.plan)?));
-                }
                 let data = current
                     .as_ref()
-                    .and_then(|(_, data)| data.get(t.slot))
+                    .filter(|(plan, _)| *plan == t.plan)
+                    .and_then(|(_, data)| data.get(t.slot - 1))
                     .ok_or_else(|| Error::tensor(&t.name, "its block produced no data for it"))?;
                 if data.len() != t.data_len() {
                     return Err(Error::tensor(
