@@ -430,25 +430,66 @@ impl AffineConv {
     }
 
     /// Sums branches that read the same input into one convolution.
-    pub fn sum(terms: &[AffineConv]) -> Result<AffineConv, AlgebraError> {
+    pub fn sum(terms: Vec<AffineConv>) -> Result<AffineConv, AlgebraError> {
         let layouts: Vec<Layout> = terms.iter().map(AffineConv::layout).collect();
         let common = Layout::common_dilations(&layouts);
-        let spread: Vec<AffineConv> = terms.iter().map(|t| t.clone().spread(&common)).collect();
+        let mut spread: Vec<AffineConv> = terms.into_iter().map(|t| t.spread(&common)).collect();
         let layouts: Vec<Layout> = spread.iter().map(AffineConv::layout).collect();
         let (target, offsets) = Layout::sum_plan(&layouts)?;
-        let mut weight = ArrayD::zeros(IxDyn(&target.weight_dims()));
-        let mut bias = Array1::zeros(target.out_channels);
+        // A term that already has the target's shape is the accumulator: no zeroed copy of the
+        // largest kernel.
+        let full = spread
+            .iter()
+            .zip(&offsets)
+            .position(|(t, o)| t.kernel() == target.kernel.as_slice() && o.iter().all(|&v| v == 0));
+        let (weight, mut bias) = match full {
+            Some(i) => {
+                let t = spread.swap_remove(i);
+                (t.weight, t.bias)
+            }
+            None => (
+                ArrayD::zeros(IxDyn(&target.weight_dims())),
+                Array1::zeros(target.out_channels),
+            ),
+        };
+        let mut offsets = offsets;
+        if let Some(i) = full {
+            offsets.swap_remove(i);
+        }
+        let mut weight = if weight.is_standard_layout() {
+            weight
+        } else {
+            weight.as_standard_layout().into_owned()
+        };
+        let target_plane: usize = target.kernel.iter().product();
+        let Some(dst) = weight.as_slice_mut() else {
+            unreachable!("a standard-layout array is contiguous");
+        };
         for (t, offset) in spread.iter().zip(&offsets) {
-            let mut window = weight.slice_each_axis_mut(|ax| {
-                let i = ax.axis.index();
-                if i < 2 {
-                    Slice::from(..)
-                } else {
-                    let start = offset[i - 2];
-                    Slice::from(start..start + t.kernel()[i - 2])
+            // Where each tap of the term's kernel lands in the target kernel.
+            let taps: Vec<usize> = (0..t.kernel().iter().product())
+                .map(|tap| {
+                    let mut rest = tap;
+                    let mut pos = vec![0; offset.len()];
+                    for a in (0..offset.len()).rev() {
+                        pos[a] = rest % t.kernel()[a] + offset[a];
+                        rest /= t.kernel()[a];
+                    }
+                    pos.iter()
+                        .zip(&target.kernel)
+                        .fold(0, |flat, (&p, &k)| flat * k + p)
+                })
+                .collect();
+            let src = t.weight.as_standard_layout();
+            let src = src.as_slice().unwrap_or(&[]);
+            for (dst_plane, src_plane) in dst
+                .chunks_exact_mut(target_plane)
+                .zip(src.chunks_exact(taps.len()))
+            {
+                for (&tap, &v) in taps.iter().zip(src_plane) {
+                    dst_plane[tap] += v;
                 }
-            });
-            window += &t.weight;
+            }
             bias += &t.bias;
         }
         Ok(AffineConv {
@@ -562,7 +603,7 @@ mod tests {
     }
 
     fn check_sum(branches: &[AffineConv], x: &ndarray::Array3<f64>) -> AffineConv {
-        let fused = AffineConv::sum(branches).unwrap();
+        let fused = AffineConv::sum(branches.to_vec()).unwrap();
         let mut expected = naive_conv2d(x, &branches[0]);
         for b in &branches[1..] {
             expected += &naive_conv2d(x, b);
@@ -716,15 +757,18 @@ mod tests {
     fn refuses_what_is_not_one_convolution() {
         let a = conv(4, 4, [3, 3], [1, 1, 1, 1], 1, 1, 1, 1);
         assert!(matches!(
-            AffineConv::sum(&[a.clone(), conv(4, 4, [1, 1], [0; 4], 2, 1, 1, 2)]),
+            AffineConv::sum(vec![a.clone(), conv(4, 4, [1, 1], [0; 4], 2, 1, 1, 2)]),
             Err(AlgebraError::Stride { .. })
         ));
         assert!(matches!(
-            AffineConv::sum(&[a.clone(), conv(4, 2, [1, 1], [0; 4], 1, 1, 2, 2)]),
+            AffineConv::sum(vec![a.clone(), conv(4, 2, [1, 1], [0; 4], 1, 1, 2, 2)]),
             Err(AlgebraError::Group { .. })
         ));
         assert!(matches!(
-            AffineConv::sum(&[a.clone(), conv(4, 4, [1, 1], [1, 1, 1, 1], 1, 1, 1, 2)]),
+            AffineConv::sum(vec![
+                a.clone(),
+                conv(4, 4, [1, 1], [1, 1, 1, 1], 1, 1, 1, 2)
+            ]),
             Err(AlgebraError::OutputSize { .. })
         ));
 
@@ -732,6 +776,6 @@ mod tests {
             a.clone().scale_shift(&[1.0], &[0.0]),
             Err(AlgebraError::ChannelParams { .. })
         ));
-        assert_eq!(AffineConv::sum(&[]), Err(AlgebraError::Empty));
+        assert_eq!(AffineConv::sum(vec![]), Err(AlgebraError::Empty));
     }
 }

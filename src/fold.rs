@@ -69,7 +69,7 @@ trait Algebra: Sized {
     fn layout(&self) -> Layout;
     fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError>;
     fn negate(self) -> Self;
-    fn sum(parts: &[Self]) -> Result<Self, AlgebraError>;
+    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError>;
 }
 
 impl Algebra for Layout {
@@ -91,8 +91,8 @@ impl Algebra for Layout {
     fn negate(self) -> Self {
         self
     }
-    fn sum(parts: &[Self]) -> Result<Self, AlgebraError> {
-        Layout::sum(parts)
+    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError> {
+        Layout::sum(&parts)
     }
 }
 
@@ -130,7 +130,7 @@ impl Algebra for AffineConv {
     fn negate(self) -> Self {
         AffineConv::negate(self)
     }
-    fn sum(parts: &[Self]) -> Result<Self, AlgebraError> {
+    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError> {
         AffineConv::sum(parts)
     }
 }
@@ -236,7 +236,7 @@ fn eval<A: Algebra>(
                 let part: A = eval(index, t, ctx, options)?;
                 parts.push(if *negate { part.negate() } else { part });
             }
-            A::sum(&parts).map_err(|e| FoldError::Skip(e.to_string()))
+            A::sum(parts).map_err(|e| FoldError::Skip(e.to_string()))
         }
     }
 }

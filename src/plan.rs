@@ -123,8 +123,8 @@ pub struct Produced {
     pub rounding: Option<f64>,
 }
 
-/// Output channels folded at a time: about 4 MB of f64 weights.
-const CHUNK_ELEMENTS: usize = 1 << 19;
+/// Output channels folded at a time: about 512 KB of f64 weights.
+const CHUNK_ELEMENTS: usize = 1 << 16;
 
 impl BlockPlan {
     /// Folds the block in chunks of output channels and hands each chunk of the encoded weight

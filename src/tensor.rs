@@ -182,9 +182,16 @@ pub fn read_f64_rows(
                     ),
                 ));
             }
-            for &r in rows {
-                let slice = raw.slice(r * row_bytes..(r + 1) * row_bytes);
-                values.extend(from_le_bytes(name, &slice, ty, row_len)?);
+            // Consecutive rows are decoded in one go.
+            let mut i = 0;
+            while i < rows.len() {
+                let mut j = i + 1;
+                while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                    j += 1;
+                }
+                let bytes = &raw[rows[i] * row_bytes..(rows[j - 1] + 1) * row_bytes];
+                values.extend(decode(bytes, ty));
+                i = j;
             }
         }
         None => {
@@ -325,6 +332,11 @@ pub fn read_i64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<i64>
 /// Encodes values as little-endian bytes of `ty` (rounding to nearest).
 pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * ty.size());
+    if let (FloatType::F32, Some(v)) = (ty, values.as_slice()) {
+        v.iter()
+            .for_each(|&x| out.extend_from_slice(&(x as f32).to_le_bytes()));
+        return out;
+    }
     match ty {
         FloatType::F32 => values
             .iter()

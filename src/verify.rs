@@ -521,13 +521,16 @@ fn conv(
         let first_input = oc / (o / group) * per_group;
         for (pos, taps) in table.iter().enumerate() {
             let mut acc = b.map_or(0.0, |b| b[[oc]]);
+            let inside: Vec<(usize, usize)> = taps
+                .iter()
+                .enumerate()
+                .filter_map(|(t, flat)| flat.map(|f| (t, f)))
+                .collect();
             for ic in 0..per_group {
                 let weights = &w_flat[(row * per_group + ic) * tap_count..][..tap_count];
                 let input = &x_flat[(first_input + ic) * plane..][..plane];
-                for (weight, tap) in weights.iter().zip(taps) {
-                    if let Some(flat) = tap {
-                        acc += weight * input[*flat];
-                    }
+                for &(t, flat) in &inside {
+                    acc += weights[t] * input[flat];
                 }
             }
             y[[row, pos]] = acc;
