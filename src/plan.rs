@@ -1,7 +1,9 @@
 //! Match → plan: every candidate block either becomes a [`BlockPlan`] (its fold computed, its
 //! names chosen) or a skipped [`BlockInfo`] with the reason. Read-only.
 
-use crate::affine::Layout;
+use std::ops::Range;
+
+use crate::affine::{AffineConv, Layout};
 use crate::error::Result;
 use crate::fold::{self, FoldError, FoldOptions, Folded};
 use crate::graph::GraphIndex;
@@ -145,41 +147,46 @@ impl BlockPlan {
         let mut bias = Vec::with_capacity(self.layout.out_channels);
         let (mut largest, mut rounded) = (0.0f64, 0.0f64);
         let row_bytes = row_len * self.dtype.size();
-        for start in (0..self.layout.out_channels).step_by(rows_per_chunk) {
-            let rows = start..(start + rows_per_chunk).min(self.layout.out_channels);
-            let conv = match fold::fold_rows(index, &self.block, self.options, rows.clone()) {
-                Ok(c) => c,
-                Err(FoldError::Invalid(e)) => return Err(e),
-                Err(FoldError::Skip(reason)) => {
+        let starts: Vec<usize> = (0..self.layout.out_channels)
+            .step_by(rows_per_chunk)
+            .collect();
+        // Chunks fold in parallel, a window at a time, and are written in order.
+        let window = 2 * rayon::current_num_threads();
+        for starts in starts.chunks(window) {
+            use rayon::prelude::*;
+            let chunks: Vec<Result<(Range<usize>, AffineConv)>> = starts
+                .par_iter()
+                .map(|&start| {
+                    let rows = start..(start + rows_per_chunk).min(self.layout.out_channels);
+                    self.fold_chunk(index, rows.clone()).map(|c| (rows, c))
+                })
+                .collect();
+            for chunk in chunks {
+                let (rows, conv) = chunk?;
+                if conv.weight.shape()[1..] != dims[1..] {
                     return Err(crate::Error::Graph(format!(
-                        "block '{}' no longer folds: {reason}",
+                        "block '{}' folded to another shape than planned",
                         self.info.name
                     )));
                 }
-            };
-            if conv.weight.shape()[1..] != dims[1..] {
-                return Err(crate::Error::Graph(format!(
-                    "block '{}' folded to another shape than planned",
-                    self.info.name
-                )));
-            }
-            if matches!(self.dtype, FloatType::F16 | FloatType::Bf16) {
-                for &v in conv.weight.iter().chain(conv.bias.iter()) {
-                    largest = largest.max(v.abs());
-                    rounded = rounded.max((self.dtype.round(v) - v).abs());
+                if matches!(self.dtype, FloatType::F16 | FloatType::Bf16) {
+                    for &v in conv.weight.iter().chain(conv.bias.iter()) {
+                        largest = largest.max(v.abs());
+                        rounded = rounded.max((self.dtype.round(v) - v).abs());
+                    }
                 }
-            }
-            let encoded = tensor::to_le_bytes(&conv.weight, self.dtype);
-            write(&encoded)?;
-            for (i, &r) in sample.iter().enumerate() {
-                if rows.contains(&r) {
-                    let at = (r - start) * row_bytes;
-                    let values = tensor::decode(&encoded[at..at + row_bytes], self.dtype);
-                    let mut row = sampled.index_axis_mut(ndarray::Axis(0), i);
-                    row.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+                let encoded = tensor::to_le_bytes(&conv.weight, self.dtype);
+                write(&encoded)?;
+                for (i, &r) in sample.iter().enumerate() {
+                    if rows.contains(&r) {
+                        let at = (r - rows.start) * row_bytes;
+                        let values = tensor::decode(&encoded[at..at + row_bytes], self.dtype);
+                        let mut row = sampled.index_axis_mut(ndarray::Axis(0), i);
+                        row.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+                    }
                 }
+                bias.extend(conv.bias.iter().copied());
             }
-            bias.extend(conv.bias.iter().copied());
         }
         let bias = tensor::to_le_bytes(
             &ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
@@ -193,6 +200,19 @@ impl BlockPlan {
             sampled,
             rounding,
         })
+    }
+}
+
+impl BlockPlan {
+    fn fold_chunk(&self, index: &GraphIndex, rows: Range<usize>) -> Result<AffineConv> {
+        match fold::fold_rows(index, &self.block, self.options, rows) {
+            Ok(c) => Ok(c),
+            Err(FoldError::Invalid(e)) => Err(e),
+            Err(FoldError::Skip(reason)) => Err(crate::Error::Graph(format!(
+                "block '{}' no longer folds: {reason}",
+                self.info.name
+            ))),
+        }
     }
 }
 
