@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::fmt::Write as _;
 use std::io::Write as _;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
 use onnx_repvgg::{BlockInfo, FuseReport, InspectReport, Options};
+
+type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 
 /// Fold RepVGG-style multi-branch blocks of an ONNX model into single convolutions.
 ///
@@ -30,14 +31,23 @@ enum Command {
     ///
     /// Prints one summary line; blocks that look like RepVGG blocks but could not be folded are
     /// listed with the reason. OUT gets a sidecar OUT.data when IN has external data.
+    /// With --out-dir, every argument is an input, fused to DIR/<its file name>, all in parallel.
+    #[command(
+        after_help = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse a.onnx b.onnx --out-dir deploy/"
+    )]
     Fuse {
-        /// The training-structure model.
-        input: PathBuf,
-        /// Where to write the deploy model (never over IN).
-        output: PathBuf,
+        /// IN OUT, or with --out-dir the inputs.
+        #[arg(required = true, value_name = "IN OUT | IN...")]
+        paths: Vec<PathBuf>,
+        /// Write each input's deploy model into this directory, under its own file name.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
         /// Also print one line per fused block.
-        #[arg(short, long)]
+        #[arg(short, long, conflicts_with = "quiet")]
         verbose: bool,
+        /// Print nothing but errors (no summary, no progress).
+        #[arg(short, long)]
+        quiet: bool,
         /// Fold BatchNormalization nodes exported in training mode, with their running
         /// statistics (inference semantics). Prints a warning.
         #[arg(long)]
@@ -69,9 +79,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut out = String::new();
     match args.command {
         Command::Fuse {
-            input,
-            output,
+            paths,
+            out_dir,
             verbose,
+            quiet,
             allow_training,
             verify: _,
             no_verify,
@@ -82,16 +93,70 @@ pub fn run(args: Args) -> Result<()> {
                 verify: !no_verify,
                 tolerance,
             };
-            let report = onnx_repvgg::fuse_file(&input, &output, options)?;
-            if report.training_bn_folded > 0 {
-                eprintln!(
-                    "onnx-repvgg: warning: folded {} BatchNormalization nodes exported in training \
-                     mode with their running statistics (the export's own forward pass updated \
-                     them); re-exporting after model.eval() is safer",
-                    report.training_bn_folded
-                );
+            let jobs = jobs(paths, out_dir)?;
+            let batch = jobs.len() > 1 || jobs.iter().any(|j| j.batch);
+            let results: Vec<(Job, Result<FuseReport>)> = {
+                use rayon::prelude::*;
+                jobs.into_par_iter()
+                    .map(|job| {
+                        let bar = progress_bar(quiet || batch, &job.input);
+                        let tick = |done: usize, total: usize| {
+                            if let Some(bar) = &bar {
+                                bar.set_length(total as u64);
+                                bar.set_position(done as u64);
+                            }
+                        };
+                        let report = onnx_repvgg::fuse_file_with_progress(
+                            &job.input,
+                            &job.output,
+                            options,
+                            &tick,
+                        )
+                        .map_err(anyhow::Error::from);
+                        if let Some(bar) = bar {
+                            bar.finish_and_clear();
+                        }
+                        (job, report)
+                    })
+                    .collect()
+            };
+            let mut failed = 0;
+            for (job, result) in results {
+                match result {
+                    Ok(report) => {
+                        if report.training_bn_folded > 0 {
+                            eprintln!(
+                                "onnx-repvgg: warning: {}: folded {} BatchNormalization nodes exported in \
+                                 training mode with their running statistics (the export's own forward \
+                                 pass updated them); re-exporting after model.eval() is safer",
+                                job.input.display(),
+                                report.training_bn_folded
+                            );
+                        }
+                        if !quiet {
+                            if batch {
+                                let _ = write!(
+                                    out,
+                                    "{} → {}: ",
+                                    job.input.display(),
+                                    job.output.display()
+                                );
+                            }
+                            print_fuse(&mut out, &report, verbose);
+                        }
+                    }
+                    Err(e) if !batch => return Err(e),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("onnx-repvgg: {e:#}");
+                    }
+                }
             }
-            print_fuse(&mut out, &report, verbose);
+            emit(&out)?;
+            if failed > 0 {
+                anyhow::bail!("{failed} of the inputs failed");
+            }
+            return Ok(());
         }
         Command::Inspect {
             input,
@@ -106,6 +171,76 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     emit(&out)
+}
+
+/// One input and where its deploy model goes.
+struct Job {
+    input: PathBuf,
+    output: PathBuf,
+    /// Part of an --out-dir batch.
+    batch: bool,
+}
+
+/// IN OUT, or every path an input written into `out_dir`.
+fn jobs(paths: Vec<PathBuf>, out_dir: Option<PathBuf>) -> Result<Vec<Job>> {
+    match out_dir {
+        Some(dir) => {
+            let jobs: Vec<Job> = paths
+                .into_iter()
+                .map(|input| {
+                    let name = input
+                        .file_name()
+                        .ok_or_else(|| anyhow::anyhow!("{}: not a file name", input.display()))?;
+                    Ok(Job {
+                        output: dir.join(name),
+                        input,
+                        batch: true,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let mut names = std::collections::HashSet::new();
+            if let Some(twice) = jobs.iter().find(|j| !names.insert(j.output.clone())) {
+                anyhow::bail!(
+                    "{}: two inputs would be written there",
+                    twice.output.display()
+                );
+            }
+            Ok(jobs)
+        }
+        None => match <[PathBuf; 2]>::try_from(paths) {
+            Ok([input, output]) => Ok(vec![Job {
+                input,
+                output,
+                batch: false,
+            }]),
+            Err(paths) => {
+                use clap::CommandFactory;
+                Args::command()
+                    .error(
+                        clap::error::ErrorKind::WrongNumberOfValues,
+                        format!(
+                            "fuse takes IN OUT, or inputs with --out-dir DIR ({} paths given)",
+                            paths.len()
+                        ),
+                    )
+                    .exit()
+            }
+        },
+    }
+}
+
+/// A progress bar on stderr for long runs, when it is a terminal.
+fn progress_bar(quiet: bool, input: &std::path::Path) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} blocks")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(input.display().to_string());
+    Some(bar)
 }
 
 fn positive_float(s: &str) -> std::result::Result<f64, String> {

@@ -75,6 +75,16 @@ impl Options {
 /// Reads `input`, folds every block it can, and writes the result to `output` (atomically; with
 /// a sidecar `OUT.data` when the input has external data or the output would pass 2 GiB).
 pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseReport> {
+    fuse_file_with_progress(input, output, options, &|_, _| {})
+}
+
+/// [`fuse_file`], calling `progress(done, total)` as blocks are written.
+pub fn fuse_file_with_progress(
+    input: &Path,
+    output: &Path,
+    options: Options,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<FuseReport> {
     let start = Instant::now();
     let model = Model::open(input)?;
     let mut protected = vec![input.to_path_buf()];
@@ -131,6 +141,7 @@ pub fn fuse_file(input: &Path, output: &Path, options: Options) -> Result<FuseRe
                 fused[p].deviation = Some(deviation);
             }
             model.release_pages();
+            progress(p + 1, analysis.plans.len());
             Ok(vec![produced.bias])
         };
     onnx::output::write_with(output, sidecar, |model_sink, sidecar_sink| {

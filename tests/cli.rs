@@ -318,3 +318,74 @@ fn ir3_models_keep_every_initializer_listed_as_an_input() {
     listed.sort();
     assert_eq!(listed, expected);
 }
+
+#[test]
+fn batch_mode_fuses_every_input_into_the_output_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = [
+        "models/tiny/ts_fold_op17.onnx",
+        "models/grouped/dynamo_op18.onnx",
+        "families/acnet/ts_nofold_op17.onnx",
+    ];
+    let mut args: Vec<std::ffi::OsString> = vec!["fuse".into()];
+    args.extend(inputs.iter().map(|p| testdata().join(p).into_os_string()));
+    args.extend(["--out-dir".into(), dir.path().as_os_str().to_owned()]);
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let o = bin(&refs);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains(" → ") && l.contains(": fused "))
+            .count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(
+        files_in(dir.path()),
+        [
+            "dynamo_op18.onnx",
+            "dynamo_op18.onnx.data",
+            "ts_fold_op17.onnx",
+            "ts_nofold_op17.onnx"
+        ]
+    );
+    // A failing input does not stop the others, but the run exits 1.
+    let missing = dir.path().join("missing.onnx");
+    let other = tempfile::tempdir().unwrap();
+    let o = bin(&[
+        "fuse".as_ref(),
+        missing.as_os_str(),
+        sample().as_os_str(),
+        "--out-dir".as_ref(),
+        other.path().as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing.onnx"));
+    assert_eq!(files_in(other.path()), ["ts_fold_op17.onnx"]);
+    // Two inputs of one name would collide.
+    let o = bin(&[
+        "fuse".as_ref(),
+        sample().as_os_str(),
+        sample().as_os_str(),
+        "--out-dir".as_ref(),
+        other.path().as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    // Three paths without --out-dir are a usage error.
+    let o = bin(&[
+        "fuse".as_ref(),
+        sample().as_os_str(),
+        sample().as_os_str(),
+        sample().as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn quiet_prints_nothing_on_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = fuse(&sample(), &dir.path().join("out.onnx"), &["-q"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).is_empty() && stderr(&o).is_empty());
+}

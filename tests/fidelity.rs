@@ -201,3 +201,27 @@ fn the_same_input_gives_the_same_bytes() {
         assert!(results.windows(2).all(|w| w[0] == w[1]), "{path}");
     }
 }
+
+#[test]
+fn the_output_does_not_depend_on_the_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outputs = Vec::new();
+    for threads in ["1", "2", "3"] {
+        let out = dir.path().join(format!("t{threads}.onnx"));
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-repvgg"))
+            .env("RAYON_NUM_THREADS", threads)
+            .args([
+                "fuse".as_ref(),
+                testdata()
+                    .join("models/grouped/ts_nofold_op17.onnx")
+                    .as_os_str(),
+                out.as_os_str(),
+            ])
+            .output()
+            .unwrap()
+            .status;
+        assert!(status.success());
+        outputs.push(std::fs::read(&out).unwrap());
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+}
