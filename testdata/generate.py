@@ -41,7 +41,7 @@ How to run
 ----------
   python testdata/generate.py                 # regenerate the committed fixtures (small models,
                                               # 32x32 inputs) into testdata/
-  python testdata/generate.py --full OUTDIR   # the official full-size RepVGG-A0, A1, B1g2 at
+  python testdata/generate.py --full OUTDIR   # the official full-size RepVGG-A0, A1, B1g2, B3 at
                                               # 224x224 into OUTDIR (large, not committed)
   python testdata/generate.py --full OUTDIR --models RepVGG-A0 --forms ts_fold_op17,deploy_ts_fold_op17
 
@@ -261,6 +261,9 @@ FULL_MODELS = {
                       width_multiplier=[1, 1, 1, 2.5], override_groups_map=None),
     "RepVGG-B1g2": dict(num_blocks=[4, 6, 16, 1], num_classes=1000,
                         width_multiplier=[2, 2, 2, 4], override_groups_map=g2_map),
+    # For benchmarks (scripts/bench.py): the biggest official configuration, ~490 MB unfolded.
+    "RepVGG-B3": dict(num_blocks=[4, 6, 16, 1], num_classes=1000,
+                      width_multiplier=[3, 3, 3, 5], override_groups_map=None),
 }
 FULL_HW = 224
 

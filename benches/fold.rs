@@ -1,0 +1,52 @@
+//! Criterion benchmarks of the fold kernels on a RepVGG-B-sized block (512 → 512 channels):
+//! BN as scale/shift, the sum of 3x3 + 1x1 + identity, and encoding to float32.
+//! Run with `cargo bench`; figures are in the README.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ndarray::{Array1, ArrayD, IxDyn};
+use onnx_repvgg::affine::{AffineConv, Geometry};
+use onnx_repvgg::tensor::{FloatType, to_le_bytes};
+use std::hint::black_box;
+
+fn conv(o: usize, c: usize, k: usize, pad: usize) -> AffineConv {
+    let n = o * c * k * k;
+    AffineConv {
+        weight: ArrayD::from_shape_vec(
+            IxDyn(&[o, c, k, k]),
+            (0..n).map(|i| (i % 97) as f64 * 0.01).collect(),
+        )
+        .unwrap(),
+        bias: Array1::from_elem(o, 0.1),
+        geometry: Geometry {
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_begin: vec![pad, pad],
+            pads_end: vec![pad, pad],
+            group: 1,
+        },
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let channels = 512;
+    let scale: Vec<f64> = (0..channels).map(|i| 1.0 + i as f64 * 1e-3).collect();
+    let shift: Vec<f64> = (0..channels).map(|i| i as f64 * 1e-3).collect();
+    let dense = conv(channels, channels, 3, 1);
+    let point = conv(channels, channels, 1, 0);
+    c.bench_function("scale_shift 512x512x3x3", |b| {
+        b.iter(|| black_box(dense.clone().scale_shift(&scale, &shift).unwrap()))
+    });
+    c.bench_function("sum 3x3 + 1x1 + identity (512)", |b| {
+        b.iter(|| {
+            let id = AffineConv::identity(channels, 1, 2);
+            black_box(AffineConv::sum(vec![dense.clone(), point.clone(), id]).unwrap())
+        })
+    });
+    let folded = AffineConv::sum(vec![dense.clone(), point.clone()]).unwrap();
+    c.bench_function("encode float32 512x512x3x3", |b| {
+        b.iter(|| black_box(to_le_bytes(&folded.weight, FloatType::F32)))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
