@@ -125,6 +125,9 @@ pub struct Produced {
     pub rounding: Option<f64>,
 }
 
+/// Bytes of weights folded between two releases of the input's mapped pages.
+const RELEASE_BYTES: usize = 64 << 20;
+
 /// Output channels folded at a time: about 512 KB of f64 weights.
 const CHUNK_ELEMENTS: usize = 1 << 16;
 
@@ -152,7 +155,15 @@ impl BlockPlan {
             .collect();
         // Chunks fold in parallel, a window at a time, and are written in order.
         let window = 2 * rayon::current_num_threads();
+        let mut unreleased = 0usize;
         for starts in starts.chunks(window) {
+            // Input pages read for the fold stay resident until released; let them go every
+            // 64 MB of weights, so that even one huge block stays small in memory.
+            unreleased += starts.len() * rows_per_chunk * row_bytes;
+            if unreleased > RELEASE_BYTES {
+                index.model.release_pages();
+                unreleased = 0;
+            }
             use rayon::prelude::*;
             let chunks: Vec<Result<(Range<usize>, AffineConv)>> = starts
                 .par_iter()
