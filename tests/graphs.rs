@@ -617,7 +617,7 @@ fn training_mode_batch_norms_fold_only_when_allowed() {
         "{stdout}"
     );
     assert!(
-        stderr.contains("warning: folded 16 BatchNormalization nodes exported in training mode"),
+        stderr.contains("folded 16 BatchNormalization nodes exported in training mode"),
         "{stderr}"
     );
     assert_eq!(op_histogram(&out).get("BatchNormalization"), None);
