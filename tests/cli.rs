@@ -389,3 +389,56 @@ fn quiet_prints_nothing_on_success() {
     assert!(o.status.success());
     assert!(stdout(&o).is_empty() && stderr(&o).is_empty());
 }
+
+#[test]
+fn mangled_models_never_panic_and_leave_nothing_behind() {
+    // Truncations, byte flips and random bytes of a real model: each run either fuses (a cut at
+    // a field boundary can still be a valid model) or fails with one line and no file.
+    let original = std::fs::read(testdata().join("models/tiny/ts_nofold_op17.onnx")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    for case in 0..90 {
+        let data: Vec<u8> = match case % 3 {
+            0 => original[..1 + next(original.len() - 1)].to_vec(),
+            1 => {
+                let mut d = original.clone();
+                for _ in 0..5 {
+                    let at = next(d.len());
+                    d[at] = next(256) as u8;
+                }
+                d
+            }
+            _ => (0..1 + next(2000)).map(|_| next(256) as u8).collect(),
+        };
+        std::fs::write(&input, &data).unwrap();
+        let _ = std::fs::remove_file(&output);
+        let o = fuse(&input, &output, &[]);
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "case {case}: {err}");
+        match o.status.code() {
+            Some(0) => assert!(output.exists()),
+            Some(1) => {
+                assert_eq!(err.lines().count(), 1, "case {case}: {err}");
+                assert!(!output.exists(), "case {case}: output left behind");
+            }
+            other => panic!("case {case}: exit {other:?}: {err}"),
+        }
+        assert_eq!(
+            std::fs::read(&input).unwrap(),
+            data,
+            "case {case}: input changed"
+        );
+        let leftovers = files_in(dir.path())
+            .into_iter()
+            .filter(|f| f.ends_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0, "case {case}: temporary files left");
+    }
+}
