@@ -331,25 +331,16 @@ pub fn read_i64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<i64>
 
 /// Encodes values as little-endian bytes of `ty` (rounding to nearest).
 pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * ty.size());
-    if let (FloatType::F32, Some(v)) = (ty, values.as_slice()) {
-        v.iter()
-            .for_each(|&x| out.extend_from_slice(&(x as f32).to_le_bytes()));
-        return out;
-    }
+    let standard = values.as_standard_layout();
+    let values = standard.as_slice().unwrap_or(&[]);
+    let mut out = vec![0u8; values.len() * ty.size()];
+    let width = ty.size();
+    let slots = out.chunks_exact_mut(width).zip(values);
     match ty {
-        FloatType::F32 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&(v as f32).to_le_bytes())),
-        FloatType::F64 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
-        FloatType::F16 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&f16::from_f64(v).to_le_bytes())),
-        FloatType::Bf16 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&bf16::from_f64(v).to_le_bytes())),
+        FloatType::F32 => slots.for_each(|(d, &v)| d.copy_from_slice(&(v as f32).to_le_bytes())),
+        FloatType::F64 => slots.for_each(|(d, &v)| d.copy_from_slice(&v.to_le_bytes())),
+        FloatType::F16 => slots.for_each(|(d, &v)| d.copy_from_slice(&f16::from_f64(v).to_le_bytes())),
+        FloatType::Bf16 => slots.for_each(|(d, &v)| d.copy_from_slice(&bf16::from_f64(v).to_le_bytes())),
     }
     out
 }
