@@ -57,12 +57,6 @@ pub enum AlgebraError {
         left: usize,
         right: usize,
     },
-    /// Branches with a kernel wider than 1 use different dilations.
-    Dilation {
-        axis: usize,
-        left: usize,
-        right: usize,
-    },
     /// A branch's pad offset is not a whole number of (dilated) taps.
     Misaligned { axis: usize },
     /// Branches produce outputs of different sizes on an axis.
@@ -92,10 +86,6 @@ impl fmt::Display for AlgebraError {
             AlgebraError::Stride { axis, left, right } => write!(
                 f,
                 "branches use strides {left} and {right} on spatial axis {axis}"
-            ),
-            AlgebraError::Dilation { axis, left, right } => write!(
-                f,
-                "branches use dilations {left} and {right} on spatial axis {axis}"
             ),
             AlgebraError::Misaligned { axis } => write!(
                 f,
