@@ -218,24 +218,7 @@ fn from_le_bytes(name: &str, raw: &Bytes, ty: FloatType, count: usize) -> Result
             ),
         ));
     }
-    let values = match ty {
-        FloatType::F32 => raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-            .collect(),
-        FloatType::F64 => raw
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect(),
-        FloatType::F16 => raw
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        FloatType::Bf16 => raw
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-    };
+    let values = decode(raw, ty);
     Ok(values)
 }
 
