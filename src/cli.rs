@@ -48,6 +48,9 @@ enum Command {
         /// Print nothing but errors (no summary, no progress).
         #[arg(short, long)]
         quiet: bool,
+        /// Print the report as JSON (an array with --out-dir): see the README for its fields.
+        #[arg(long, conflicts_with_all = ["quiet", "verbose"])]
+        json: bool,
         /// Fold BatchNormalization nodes exported in training mode, with their running
         /// statistics (inference semantics). Prints a warning.
         #[arg(long)]
@@ -71,6 +74,9 @@ enum Command {
         /// Count BatchNormalization nodes in training mode as foldable (see `fuse --allow-training`).
         #[arg(long)]
         allow_training: bool,
+        /// Print the blocks as JSON: see the README for its fields.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -83,6 +89,7 @@ pub fn run(args: Args) -> Result<()> {
             out_dir,
             verbose,
             quiet,
+            json,
             allow_training,
             verify: _,
             no_verify,
@@ -99,7 +106,7 @@ pub fn run(args: Args) -> Result<()> {
                 use rayon::prelude::*;
                 jobs.into_par_iter()
                     .map(|job| {
-                        let bar = progress_bar(quiet || batch, &job.input);
+                        let bar = progress_bar(quiet || json || batch, &job.input);
                         let tick = |done: usize, total: usize| {
                             if let Some(bar) = &bar {
                                 bar.set_length(total as u64);
@@ -121,8 +128,15 @@ pub fn run(args: Args) -> Result<()> {
                     .collect()
             };
             let mut failed = 0;
+            let mut reports = Vec::new();
             for (job, result) in results {
                 match result {
+                    Ok(report) if json => {
+                        let mut value = report.to_json();
+                        value["input"] = job.input.display().to_string().into();
+                        value["output"] = job.output.display().to_string().into();
+                        reports.push(value);
+                    }
                     Ok(report) => {
                         if report.training_bn_folded > 0 {
                             eprintln!(
@@ -152,6 +166,13 @@ pub fn run(args: Args) -> Result<()> {
                     }
                 }
             }
+            if json {
+                let value = match reports.len() {
+                    1 if !batch => reports.remove(0),
+                    _ => serde_json::Value::Array(reports),
+                };
+                out = serde_json::to_string_pretty(&value)? + "\n";
+            }
             emit(&out)?;
             if failed > 0 {
                 anyhow::bail!("{failed} of the inputs failed");
@@ -161,13 +182,18 @@ pub fn run(args: Args) -> Result<()> {
         Command::Inspect {
             input,
             allow_training,
+            json,
         } => {
             let options = Options {
                 allow_training_bn: allow_training,
                 ..Options::default()
             };
             let report = onnx_repvgg::inspect_file(&input, options)?;
-            print_inspect(&mut out, &report);
+            if json {
+                out = serde_json::to_string_pretty(&report.to_json())? + "\n";
+            } else {
+                print_inspect(&mut out, &report);
+            }
         }
     }
     emit(&out)

@@ -204,3 +204,62 @@ impl InspectReport {
         self.blocks.iter().filter(|b| !b.has_identity()).count()
     }
 }
+
+impl BlockInfo {
+    /// The block as JSON (the documented `inspect --json` / `fuse --json` item).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "stride": self.stride,
+            "groups": self.groups,
+            "branches": self.branches,
+            "post": self.post,
+            "identity": self.has_identity(),
+            "fusable": self.fusable,
+            "reason": self.reason,
+            "deviation": self.deviation.map(|d| serde_json::json!({"abs": d.abs, "rel": d.rel})),
+            "rounding_error": self.rounding_error,
+        })
+    }
+}
+
+impl InspectReport {
+    /// `{"summary": {...}, "blocks": [...]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "summary": {
+                "blocks": self.blocks.len(),
+                "fusable": self.fusable(),
+                "without_identity": self.without_identity(),
+            },
+            "blocks": self.blocks.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl FuseReport {
+    /// `{"summary": {...}, "fused": [...], "skipped": [...]}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "summary": {
+                "fused": self.fused.len(),
+                "without_identity": self.fused_without_identity(),
+                "skipped": self.skipped.len(),
+                "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after,
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "training_bn_folded": self.training_bn_folded,
+                "seconds": self.elapsed.as_secs_f64(),
+                "worst": self.worst().map(|b| serde_json::json!({
+                    "block": b.name,
+                    "rel": b.deviation.map(|d| d.rel),
+                })),
+            },
+            "fused": self.fused.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
+            "skipped": self.skipped.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
+        })
+    }
+}

@@ -322,8 +322,12 @@ pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
     match ty {
         FloatType::F32 => slots.for_each(|(d, &v)| d.copy_from_slice(&(v as f32).to_le_bytes())),
         FloatType::F64 => slots.for_each(|(d, &v)| d.copy_from_slice(&v.to_le_bytes())),
-        FloatType::F16 => slots.for_each(|(d, &v)| d.copy_from_slice(&f16::from_f64(v).to_le_bytes())),
-        FloatType::Bf16 => slots.for_each(|(d, &v)| d.copy_from_slice(&bf16::from_f64(v).to_le_bytes())),
+        FloatType::F16 => {
+            slots.for_each(|(d, &v)| d.copy_from_slice(&f16::from_f64(v).to_le_bytes()))
+        }
+        FloatType::Bf16 => {
+            slots.for_each(|(d, &v)| d.copy_from_slice(&bf16::from_f64(v).to_le_bytes()))
+        }
     }
     out
 }

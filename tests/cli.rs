@@ -442,3 +442,45 @@ fn mangled_models_never_panic_and_leave_nothing_behind() {
         assert_eq!(leftovers, 0, "case {case}: temporary files left");
     }
 }
+
+#[test]
+fn json_reports_for_pipelines() {
+    let o = bin(&["inspect".as_ref(), "--json".as_ref(), sample().as_os_str()]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["blocks"], 7);
+    assert_eq!(v["summary"]["fusable"], 7);
+    assert_eq!(v["summary"]["without_identity"], 5);
+    let blocks = v["blocks"].as_array().unwrap();
+    assert_eq!(blocks[3]["name"], "stage2.1");
+    assert_eq!(blocks[3]["in_channels"], 16);
+    assert_eq!(blocks[3]["out_channels"], 16);
+    assert_eq!(blocks[3]["stride"], serde_json::json!([1, 1]));
+    assert_eq!(blocks[3]["groups"], 1);
+    assert_eq!(
+        blocks[3]["branches"],
+        serde_json::json!(["3x3", "1x1", "identity"])
+    );
+    assert_eq!(blocks[3]["fusable"], true);
+    assert!(blocks[3]["reason"].is_null());
+
+    let dir = tempfile::tempdir().unwrap();
+    let o = fuse(&sample(), &dir.path().join("out.onnx"), &["--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["fused"], 7);
+    assert_eq!(v["summary"]["nodes_after"], 18);
+    assert!(v["fused"][0]["deviation"]["rel"].as_f64().unwrap() < 1e-6);
+    assert!(v["output"].as_str().unwrap().ends_with("out.onnx"));
+
+    let train = testdata().join("models/tiny/ts_train_op17.onnx");
+    let o = bin(&["inspect".as_ref(), "--json".as_ref(), train.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["fusable"], 0);
+    assert!(
+        v["blocks"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("training mode")
+    );
+}
