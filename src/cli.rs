@@ -321,8 +321,8 @@ fn print_fuse(out: &mut String, r: &FuseReport, verbose: bool) {
     }
     if verbose {
         let mut blocks: Vec<&BlockInfo> = r.fused.iter().chain(&r.skipped).collect();
-        blocks.sort_by_key(|b| !b.fusable);
-        print_table(out, &blocks, "  ", "status");
+        blocks.sort_by_key(|b| !b.is_fusable());
+        print_table(out, &blocks, "  ", ["status", "fused"]);
         return;
     }
     for b in &r.skipped {
@@ -367,8 +367,8 @@ fn stride(b: &BlockInfo) -> String {
 }
 
 /// One row per block, columns padded to the widest cell; the last column says fused/fusable.
-fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, last: &str) {
-    let yes = if last == "status" { "fused" } else { "yes" };
+/// `[header, yes]`: the last column's title and what it says of a fusable block.
+fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, [last, yes]: [&str; 2]) {
     let rows: Vec<[String; 7]> = blocks
         .iter()
         .map(|b| {
@@ -409,7 +409,7 @@ fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, last: &str
 
 fn print_inspect(out: &mut String, r: &InspectReport) {
     let blocks: Vec<&BlockInfo> = r.blocks.iter().collect();
-    print_table(out, &blocks, "", "fusable");
+    print_table(out, &blocks, "", ["fusable", "yes"]);
     let _ = writeln!(
         out,
         "{} blocks, {} without identity, {} fusable",

@@ -16,13 +16,6 @@ use crate::onnx::proto::NodeProto;
 use crate::pattern::{Block, ChannelOp, Term};
 use crate::tensor::{self, FloatType};
 
-/// A block folded into one convolution, with the element type to write it in.
-#[derive(Debug, Clone)]
-pub struct Folded {
-    pub conv: AffineConv,
-    pub dtype: FloatType,
-}
-
 /// Why a block was not folded.
 #[derive(Debug)]
 pub enum FoldError {
@@ -135,8 +128,8 @@ impl Algebra for AffineConv {
     }
 }
 
-/// The fused Conv's shape and element type, without computing it: all the checks of [`fold`]
-/// but reading only per-channel parameters, never weights.
+/// The fused Conv's shape and element type, without computing it: all the checks of
+/// [`fold_rows`], but reading only per-channel parameters, never weights.
 pub fn layout(
     index: &GraphIndex,
     block: &Block,
@@ -144,13 +137,6 @@ pub fn layout(
 ) -> Result<(Layout, FloatType), FoldError> {
     let (ctx, dtype) = context(index, block)?;
     Ok((eval::<Layout>(index, &block.term, &ctx, options)?, dtype))
-}
-
-/// Folds the block's expression tree into one convolution.
-pub fn fold(index: &GraphIndex, block: &Block, options: FoldOptions) -> Result<Folded, FoldError> {
-    let (ctx, dtype) = context(index, block)?;
-    let conv = eval::<AffineConv>(index, &block.term, &ctx, options)?;
-    Ok(Folded { conv, dtype })
 }
 
 /// Folds only the output channels `rows` (every fold is separable by output channel): a weight

@@ -256,17 +256,11 @@ impl<'m> GraphIndex<'m> {
     }
 
     /// Follows `Identity` nodes upstream from `value` to the value they copy.
-    pub fn through_identity<'a>(&self, mut value: &'a str) -> &'a str
+    pub fn through_identity<'a>(&self, value: &'a str) -> &'a str
     where
         'm: 'a,
     {
-        while let Some(node) = self.producer(value).map(|i| self.node(i)) {
-            if node.op_type() != "Identity" || !is_default_domain(node) || node.input.is_empty() {
-                break;
-            }
-            value = &node.input[0];
-        }
-        value
+        self.through_identity_shared(value).0
     }
 
     /// Like [`Self::through_identity`], and also names the first value on the way (`value`

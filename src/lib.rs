@@ -156,17 +156,14 @@ pub fn fuse_file_with_progress(
     })
     .map_err(|e| e.in_file(input))?;
 
-    let params = |ts: &mut dyn Iterator<Item = &onnx::proto::TensorProto>| -> u64 {
-        ts.map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>())
-            .sum()
-    };
-    let params_before = params(&mut model.initializers.iter());
-    let params_removed = params(
-        &mut patch
-            .removed_initializers
-            .iter()
-            .map(|&i| &model.initializers[i]),
-    );
+    let elements =
+        |t: &onnx::proto::TensorProto| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>();
+    let params_before: u64 = model.initializers.iter().map(elements).sum();
+    let params_removed: u64 = patch
+        .removed_initializers
+        .iter()
+        .map(|&i| elements(&model.initializers[i]))
+        .sum();
     let params_added: u64 = patch
         .new_tensors
         .iter()

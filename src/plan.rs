@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use crate::affine::{AffineConv, Layout};
 use crate::error::Result;
-use crate::fold::{self, FoldError, FoldOptions, Folded};
+use crate::fold::{self, FoldError, FoldOptions};
 use crate::graph::GraphIndex;
 use crate::naming::{self, NamePool};
 use crate::pattern::{self, Block};
@@ -13,7 +13,7 @@ use crate::report::{self, BlockInfo};
 use crate::tensor::{self, FloatType};
 
 /// A block ready to be replaced by one Conv: its shape is known, its numbers are computed when
-/// the output is written ([`BlockPlan::fold`]).
+/// the output is written ([`BlockPlan::write_tensors`]).
 #[derive(Debug, Clone)]
 pub struct BlockPlan {
     pub block: Block,
@@ -80,7 +80,6 @@ pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
                 });
             }
             Err(FoldError::Skip(reason)) => {
-                info.fusable = false;
                 info.reason = Some(reason);
                 analysis.skipped_roots.push(block.root);
                 analysis.skipped.push(info);
@@ -91,29 +90,6 @@ pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
     Ok(analysis)
 }
 
-impl BlockPlan {
-    /// Computes the fused Conv (the planned layout, now with its numbers).
-    pub fn fold(&self, index: &GraphIndex) -> Result<Folded> {
-        let folded = match fold::fold(index, &self.block, self.options) {
-            Ok(f) => f,
-            Err(FoldError::Invalid(e)) => return Err(e),
-            Err(FoldError::Skip(reason)) => {
-                return Err(crate::Error::Graph(format!(
-                    "block '{}' no longer folds: {reason}",
-                    self.info.name
-                )));
-            }
-        };
-        if folded.conv.layout() != self.layout {
-            return Err(crate::Error::Graph(format!(
-                "block '{}' folded to another shape than planned",
-                self.info.name
-            )));
-        }
-        Ok(folded)
-    }
-}
-
 /// What writing a block's fused tensors leaves to check and report.
 #[derive(Debug, Clone)]
 pub struct Produced {
@@ -121,7 +97,8 @@ pub struct Produced {
     pub bias: bytes::Bytes,
     /// The written weight rows of the requested output channels, decoded, in request order.
     pub sampled: ndarray::ArrayD<f64>,
-    /// For half-precision weights, see [`rounding_error`].
+    /// For half-precision weights: the largest change rounding the f64 fold to that type made,
+    /// relative to the largest weight.
     pub rounding: Option<f64>,
 }
 
@@ -225,24 +202,6 @@ impl BlockPlan {
             ))),
         }
     }
-}
-
-/// For half-precision weights: how much writing the f64 fold in that type changes it, relative
-/// to the largest weight.
-pub fn rounding_error(folded: &Folded) -> Option<f64> {
-    if !matches!(folded.dtype, FloatType::F16 | FloatType::Bf16) {
-        return None;
-    }
-    let w = &folded.conv.weight;
-    let scale = w
-        .iter()
-        .fold(0.0f64, |m, v| m.max(v.abs()))
-        .max(f64::MIN_POSITIVE);
-    let worst = w
-        .iter()
-        .chain(folded.conv.bias.iter())
-        .fold(0.0f64, |m, &v| m.max((folded.dtype.round(v) - v).abs()));
-    Some(worst / scale)
 }
 
 /// BatchNormalization nodes in training mode among the planned blocks.

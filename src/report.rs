@@ -22,8 +22,6 @@ pub struct BlockInfo {
     pub branches: Vec<String>,
     /// Per-channel operations applied after the sum, in order (`BatchNormalization`, `Mul`, …).
     pub post: Vec<String>,
-    /// Whether the block is (or would be) folded.
-    pub fusable: bool,
     /// Why not, when it is not.
     pub reason: Option<String>,
     /// For float16/bfloat16 weights: the largest change rounding the f64 fold to that type made,
@@ -34,6 +32,11 @@ pub struct BlockInfo {
 }
 
 impl BlockInfo {
+    /// Whether the block is (or would be) folded: it has no reason not to be.
+    pub fn is_fusable(&self) -> bool {
+        self.reason.is_none()
+    }
+
     /// Whether one summand is the identity.
     pub fn has_identity(&self) -> bool {
         self.branches
@@ -52,7 +55,6 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
         groups: 1,
         branches: Vec::new(),
         post: Vec::new(),
-        fusable: true,
         reason: None,
         rounding_error: None,
         deviation: None,
@@ -197,7 +199,7 @@ pub struct InspectReport {
 
 impl InspectReport {
     pub fn fusable(&self) -> usize {
-        self.blocks.iter().filter(|b| b.fusable).count()
+        self.blocks.iter().filter(|b| b.is_fusable()).count()
     }
 
     pub fn without_identity(&self) -> usize {
@@ -217,7 +219,7 @@ impl BlockInfo {
             "branches": self.branches,
             "post": self.post,
             "identity": self.has_identity(),
-            "fusable": self.fusable,
+            "fusable": self.is_fusable(),
             "reason": self.reason,
             "deviation": self.deviation.map(|d| serde_json::json!({"abs": d.abs, "rel": d.rel})),
             "rounding_error": self.rounding_error,

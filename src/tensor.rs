@@ -98,6 +98,15 @@ pub fn float_type(t: &TensorProto) -> Result<FloatType> {
     })
 }
 
+/// The tensor's little-endian data bytes — external or `raw_data` — or `None` when it keeps its
+/// values in the typed fields (`float_data`, `int32_data`, …).
+fn stored_bytes(t: &TensorProto, external: &ExternalStore, count: usize) -> Result<Option<Bytes>> {
+    if is_external(t) {
+        return external.bytes(t).map(Some);
+    }
+    Ok(t.raw_data.clone().filter(|r| !r.is_empty() || count == 0))
+}
+
 /// Checks that the tensor's data holds exactly what its dims and type need, without reading it.
 pub fn check_data(t: &TensorProto, external: &ExternalStore) -> Result<()> {
     let name = t.name.as_deref().unwrap_or("");
@@ -107,9 +116,7 @@ pub fn check_data(t: &TensorProto, external: &ExternalStore) -> Result<()> {
         Some(ty) => ty.size(),
         None => return Ok(()),
     };
-    let (present, unit) = if is_external(t) {
-        (external.bytes(t)?.len(), size)
-    } else if let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty() || count == 0) {
+    let (present, unit) = if let Some(raw) = stored_bytes(t, external, count)? {
         (raw.len(), size)
     } else {
         let typed = match FloatType::from_code(code) {
@@ -137,12 +144,9 @@ pub fn read_f64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<f64>
     let name = t.name.as_deref().unwrap_or("");
     let ty = float_type(t)?;
     let (dims, count) = shape(t)?;
-    let values = if is_external(t) {
-        from_le_bytes(name, &external.bytes(t)?, ty, count)?
-    } else if let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty() || count == 0) {
-        from_le_bytes(name, raw, ty, count)?
-    } else {
-        from_typed_fields(t, ty, count)?
+    let values = match stored_bytes(t, external, count)? {
+        Some(raw) => from_le_bytes(name, &raw, ty, count)?,
+        None => from_typed_fields(t, ty, count)?,
     };
     ArrayD::from_shape_vec(IxDyn(&dims), values).map_err(|e| Error::tensor(name, e.to_string()))
 }
@@ -164,11 +168,7 @@ pub fn read_f64_rows(
         return Err(Error::tensor(name, format!("row {r} of {first}")));
     }
     let row_len = count / first.max(1);
-    let raw = if is_external(t) {
-        Some(external.bytes(t)?)
-    } else {
-        t.raw_data.clone().filter(|r| !r.is_empty() || count == 0)
-    };
+    let raw = stored_bytes(t, external, count)?;
     let mut values = Vec::with_capacity(rows.len() * row_len);
     match raw {
         Some(raw) => {
@@ -271,11 +271,7 @@ pub fn read_i64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<i64>
         }
     };
     let (dims, count) = shape(t)?;
-    let raw = if is_external(t) {
-        Some(external.bytes(t)?)
-    } else {
-        t.raw_data.clone().filter(|r| !r.is_empty() || count == 0)
-    };
+    let raw = stored_bytes(t, external, count)?;
     let values: Vec<i64> = match raw {
         Some(raw) => {
             if count.checked_mul(size) != Some(raw.len()) {

@@ -135,6 +135,7 @@ fn training_mode_exports_are_refused_with_the_reason_and_left_unchanged() {
 #[test]
 fn deploy_models_have_nothing_to_fuse_and_come_out_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
     for fx in fixtures().iter().filter(|f| f.deploy_structure) {
         let out = dir.path().join("out.onnx");
         let run = fuse(&fx.path, &out, &[]);
@@ -149,5 +150,7 @@ fn deploy_models_have_nothing_to_fuse_and_come_out_byte_identical() {
             "{}",
             fx.label()
         );
+        checked += 1;
     }
+    assert_eq!(checked, 2, "one deploy export per model");
 }

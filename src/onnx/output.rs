@@ -2,7 +2,6 @@
 //! atomically (temporary files in the destination directory, then renames), sidecar first so a
 //! model never points to missing data.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::splice::Sink;
@@ -108,20 +107,6 @@ pub fn write_with(
     Ok(())
 }
 
-/// Writes the model (and its sidecar) from memory, atomically.
-pub fn write(output: &Path, model: &[u8], sidecar: Option<(&Path, &[u8])>) -> Result<()> {
-    write_with(output, sidecar.map(|(p, _)| p), |m, s| {
-        let io = |e| Error::io(output, e);
-        if let Sink::File(w) = m {
-            w.write_all(model).map_err(io)?;
-        }
-        if let (Some(Sink::File(w)), Some((_, data))) = (s, sidecar) {
-            w.write_all(data).map_err(io)?;
-        }
-        Ok(())
-    })
-}
-
 /// An empty temporary file next to `path`; it vanishes unless persisted.
 fn temporary(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = parent_dir(path);
@@ -138,6 +123,8 @@ fn temporary(path: &Path) -> Result<tempfile::NamedTempFile> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     #[test]
@@ -165,7 +152,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("m.onnx");
         let (side, _) = sidecar_for(&out).unwrap();
-        write(&out, b"model", Some((&side, b"data"))).unwrap();
+        write_with(&out, Some(&side), |m, s| {
+            for (sink, data) in [(m, &b"model"[..]), (s.unwrap(), &b"data"[..])] {
+                if let Sink::File(w) = sink {
+                    w.write_all(data).unwrap();
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"model");
         assert_eq!(std::fs::read(&side).unwrap(), b"data");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);

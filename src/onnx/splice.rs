@@ -9,7 +9,7 @@
 //! and each such tensor's `external_data` entries are rewritten in place of the old ones.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -415,8 +415,6 @@ impl Sink {
         }
     }
 }
-
-use std::io::Read as _;
 
 /// Computes a block's new tensors while they are written: `produce(plan, write)` hands the data
 /// of the plan's first tensor (its weight) to `write`, in as many pieces as it likes, and returns
