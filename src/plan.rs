@@ -130,59 +130,62 @@ impl BlockPlan {
         let starts: Vec<usize> = (0..self.layout.out_channels)
             .step_by(rows_per_chunk)
             .collect();
-        // Chunks fold in parallel, a window at a time, and are written in order.
+        let half = matches!(self.dtype, FloatType::F16 | FloatType::Bf16);
+        // A producer thread folds and encodes a window of chunks in parallel while this thread
+        // writes the window before it, in order: folding overlaps the writing.
         let window = 2 * rayon::current_num_threads();
-        let mut unreleased = 0usize;
-        for starts in starts.chunks(window) {
-            // Input pages read for the fold stay resident until released; let them go every
-            // 64 MB of weights, so that even one huge block stays small in memory.
-            unreleased += starts.len() * rows_per_chunk * row_bytes;
-            if unreleased > RELEASE_BYTES {
-                index.model.release_pages();
-                unreleased = 0;
-            }
-            use rayon::prelude::*;
-            let chunks: Vec<Result<(Range<usize>, AffineConv)>> = starts
-                .par_iter()
-                .map(|&start| {
-                    let rows = start..(start + rows_per_chunk).min(self.layout.out_channels);
-                    self.fold_chunk(index, rows.clone()).map(|c| (rows, c))
-                })
-                .collect();
-            for chunk in chunks {
-                let (rows, conv) = chunk?;
-                if conv.weight.shape()[1..] != dims[1..] {
-                    return Err(crate::Error::Graph(format!(
-                        "block '{}' folded to another shape than planned",
-                        self.info.name
-                    )));
-                }
-                if matches!(self.dtype, FloatType::F16 | FloatType::Bf16) {
-                    for &v in conv.weight.iter().chain(conv.bias.iter()) {
-                        largest = largest.max(v.abs());
-                        rounded = rounded.max((self.dtype.round(v) - v).abs());
+        let (send, receive) = std::sync::mpsc::sync_channel::<Result<Vec<Chunk>>>(1);
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(move || {
+                let mut unreleased = 0usize;
+                for starts in starts.chunks(window) {
+                    // Input pages read for the fold stay resident until released; let them go
+                    // every 64 MB of weights, so that even one huge block stays small in memory.
+                    unreleased += starts.len() * rows_per_chunk * row_bytes;
+                    if unreleased > RELEASE_BYTES {
+                        index.model.release_pages();
+                        unreleased = 0;
+                    }
+                    use rayon::prelude::*;
+                    let chunks = starts
+                        .par_iter()
+                        .map(|&start| {
+                            let rows =
+                                start..(start + rows_per_chunk).min(self.layout.out_channels);
+                            self.encode_chunk(index, rows, &dims, half)
+                        })
+                        .collect();
+                    // The receiver hangs up after an error: nothing more to fold.
+                    if send.send(chunks).is_err() {
+                        return;
                     }
                 }
-                let encoded = tensor::to_le_bytes(&conv.weight, self.dtype);
-                write(&encoded)?;
-                for (i, &r) in sample.iter().enumerate() {
-                    if rows.contains(&r) {
-                        let at = (r - rows.start) * row_bytes;
-                        let values = tensor::decode(&encoded[at..at + row_bytes], self.dtype);
-                        let mut row = sampled.index_axis_mut(ndarray::Axis(0), i);
-                        row.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+            });
+            for window in receive {
+                for chunk in window? {
+                    write(&chunk.encoded)?;
+                    for (i, &r) in sample.iter().enumerate() {
+                        if chunk.rows.contains(&r) {
+                            let at = (r - chunk.rows.start) * row_bytes;
+                            let values =
+                                tensor::decode(&chunk.encoded[at..at + row_bytes], self.dtype);
+                            let mut row = sampled.index_axis_mut(ndarray::Axis(0), i);
+                            row.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+                        }
                     }
+                    largest = largest.max(chunk.largest);
+                    rounded = rounded.max(chunk.rounded);
+                    bias.extend(chunk.bias);
                 }
-                bias.extend(conv.bias.iter().copied());
             }
-        }
+            Ok(())
+        })?;
         let bias = tensor::to_le_bytes(
             &ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
                 .map_err(|e| crate::Error::Graph(e.to_string()))?,
             self.dtype,
         );
-        let rounding = matches!(self.dtype, FloatType::F16 | FloatType::Bf16)
-            .then(|| rounded / largest.max(f64::MIN_POSITIVE));
+        let rounding = half.then(|| rounded / largest.max(f64::MIN_POSITIVE));
         Ok(Produced {
             bias: bias.into(),
             sampled,
@@ -191,7 +194,47 @@ impl BlockPlan {
     }
 }
 
+/// One chunk of output channels, folded and encoded.
+struct Chunk {
+    rows: Range<usize>,
+    encoded: Vec<u8>,
+    bias: Vec<f64>,
+    /// For half precision: the largest value and the largest rounding change.
+    largest: f64,
+    rounded: f64,
+}
+
 impl BlockPlan {
+    fn encode_chunk(
+        &self,
+        index: &GraphIndex,
+        rows: Range<usize>,
+        dims: &[usize],
+        half: bool,
+    ) -> Result<Chunk> {
+        let conv = self.fold_chunk(index, rows.clone())?;
+        if conv.weight.shape()[1..] != dims[1..] {
+            return Err(crate::Error::Graph(format!(
+                "block '{}' folded to another shape than planned",
+                self.info.name
+            )));
+        }
+        let (mut largest, mut rounded) = (0.0f64, 0.0f64);
+        if half {
+            for &v in conv.weight.iter().chain(conv.bias.iter()) {
+                largest = largest.max(v.abs());
+                rounded = rounded.max((self.dtype.round(v) - v).abs());
+            }
+        }
+        Ok(Chunk {
+            rows,
+            encoded: tensor::to_le_bytes(&conv.weight, self.dtype),
+            bias: conv.bias.iter().copied().collect(),
+            largest,
+            rounded,
+        })
+    }
+
     fn fold_chunk(&self, index: &GraphIndex, rows: Range<usize>) -> Result<AffineConv> {
         match fold::fold_rows(index, &self.block, self.options, rows) {
             Ok(c) => Ok(c),

@@ -190,7 +190,7 @@ pub fn read_f64_rows(
                     j += 1;
                 }
                 let bytes = &raw[rows[i] * row_bytes..(rows[j - 1] + 1) * row_bytes];
-                values.extend(decode(bytes, ty));
+                decode_into(bytes, ty, &mut values);
                 i = j;
             }
         }
@@ -330,23 +330,34 @@ pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
 
 /// Decodes little-endian bytes of `ty` (the inverse of [`to_le_bytes`]).
 pub fn decode(bytes: &[u8], ty: FloatType) -> Vec<f64> {
+    let mut values = Vec::with_capacity(bytes.len() / ty.size());
+    decode_into(bytes, ty, &mut values);
+    values
+}
+
+/// [`decode`], appending to `values`.
+pub fn decode_into(bytes: &[u8], ty: FloatType, values: &mut Vec<f64>) {
     match ty {
-        FloatType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-            .collect(),
-        FloatType::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect(),
-        FloatType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        FloatType::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
+        FloatType::F32 => values.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64),
+        ),
+        FloatType::F64 => values.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+        ),
+        FloatType::F16 => values.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64()),
+        ),
+        FloatType::Bf16 => values.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64()),
+        ),
     }
 }
 

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 
 use ndarray::{ArrayD, Axis, IxDyn};
+use rayon::prelude::*;
 
 use crate::graph::{GraphIndex, is_default_domain};
 use crate::onnx::attr;
@@ -507,37 +508,82 @@ fn conv(
     let (table, out_shape) = taps(spatial, kernel, &strides, &dilations, &begin, &end)?;
     let plane: usize = spatial.iter().product();
     let tap_count: usize = kernel.iter().product();
+    let channels = per_group * group;
     let x_std = x.as_standard_layout();
     let x_flat = x_std.as_slice().ok_or("input not contiguous")?;
     let w_std = w.as_standard_layout();
     let w_flat = w_std.as_slice().ok_or("weight not contiguous")?;
     let mut shape = vec![1, outs.len()];
     shape.extend(&out_shape);
-    let mut y = ArrayD::zeros(IxDyn(&[outs.len(), table.len()]));
-    for (row, &oc) in outs.iter().enumerate() {
-        if oc >= o {
-            return Err("output channel out of range".into());
-        }
-        let first_input = oc / (o / group) * per_group;
-        for (pos, taps) in table.iter().enumerate() {
-            let mut acc = b.map_or(0.0, |b| b[[oc]]);
-            let inside: Vec<(usize, usize)> = taps
-                .iter()
-                .enumerate()
-                .filter_map(|(t, flat)| flat.map(|f| (t, f)))
-                .collect();
-            for ic in 0..per_group {
-                let weights = &w_flat[(row * per_group + ic) * tap_count..][..tap_count];
-                let input = &x_flat[(first_input + ic) * plane..][..plane];
-                for &(t, flat) in &inside {
-                    acc += weights[t] * input[flat];
-                }
-            }
-            y[[row, pos]] = acc;
+    // Channels last, so that each tap is one contiguous dot product over input channels.
+    let mut x_last = vec![0.0; plane * channels];
+    for (c, values) in x_flat.chunks_exact(plane).enumerate() {
+        for (p, &v) in values.iter().enumerate() {
+            x_last[p * channels + c] = v;
         }
     }
+    // For each output position, the taps that land inside the input: (tap, position).
+    let inside: Vec<Vec<(usize, usize)>> = table
+        .iter()
+        .map(|taps| {
+            taps.iter()
+                .enumerate()
+                .filter_map(|(t, flat)| flat.map(|f| (t, f)))
+                .collect()
+        })
+        .collect();
+    // Output channels are independent: the sampled ones are computed in parallel.
+    let rows: Vec<Vec<f64>> = outs
+        .par_iter()
+        .enumerate()
+        .map(|(row, &oc)| {
+            if oc >= o {
+                return Err("output channel out of range".to_string());
+            }
+            let first_input = oc / (o / group) * per_group;
+            let weights = &w_flat[row * per_group * tap_count..][..per_group * tap_count];
+            let mut w_last = vec![0.0; per_group * tap_count];
+            for (ic, taps) in weights.chunks_exact(tap_count).enumerate() {
+                for (t, &v) in taps.iter().enumerate() {
+                    w_last[t * per_group + ic] = v;
+                }
+            }
+            let values = inside
+                .iter()
+                .map(|taps| {
+                    let bias = b.map_or(0.0, |b| b[[oc]]);
+                    taps.iter().fold(bias, |acc, &(t, flat)| {
+                        let w = &w_last[t * per_group..][..per_group];
+                        let x = &x_last[flat * channels + first_input..][..per_group];
+                        acc + dot(w, x)
+                    })
+                })
+                .collect();
+            Ok(values)
+        })
+        .collect::<Result<_, String>>()?;
+    let y = ArrayD::from_shape_vec(IxDyn(&[outs.len(), table.len()]), rows.concat())
+        .map_err(|e| e.to_string())?;
     y.into_shape_with_order(IxDyn(&shape))
         .map_err(|e| e.to_string())
+}
+
+/// Dot product with four running sums (vectorizes; the order of additions is fixed).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = a4
+        .remainder()
+        .iter()
+        .zip(b4.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut sums = [0.0f64; 4];
+    for (x, y) in a4.zip(b4) {
+        for i in 0..4 {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    (sums[0] + sums[1]) + (sums[2] + sums[3]) + tail
 }
 
 /// ONNX AveragePool of the channels `outs` of `x` (or of those it holds).
