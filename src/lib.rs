@@ -85,15 +85,108 @@ pub fn fuse_file_with_progress(
     options: Options,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<FuseReport> {
-    let start = Instant::now();
     let model = Model::open(input)?;
     let mut protected = vec![input.to_path_buf()];
     protected.extend(model.external.paths().iter().cloned());
     onnx::output::check_output(output, &protected)?;
-    let (sidecar_path, location) = onnx::output::sidecar_for(output)?;
-    let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
-    let analysis = plan::analyse(&index, options.fold()).map_err(|e| e.in_file(input))?;
+    fuse(
+        &model,
+        Target::File { output, protected },
+        options,
+        progress,
+    )
+    .map_err(|e| e.in_file(input))
+}
+
+/// Everything [`fuse_file`] does — fold, verify, lay out — but writes nothing: the report of
+/// what a fusion of `input` would do.
+pub fn dry_run_file(input: &Path, options: Options) -> Result<FuseReport> {
+    let model = Model::open(input)?;
+    fuse(&model, Target::Discard, options, &|_, _| {}).map_err(|e| e.in_file(input))
+}
+
+/// What names a model that came as bytes in errors.
+pub const IN_MEMORY: &str = "<memory>";
+
+/// [`fuse_file`] for a model held in memory: returns the deploy model's bytes and the report.
+/// The model must hold all its tensors (no external data) and so must the output (< 2 GiB).
+///
+/// ```
+/// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/models/tiny/ts_fold_op17.onnx");
+/// let training = std::fs::read(path)?;
+/// let (deploy, report) = onnx_repvgg::fuse_model(&training, onnx_repvgg::Options::default())?;
+/// assert_eq!(report.fused.len(), 7);
+/// assert!(report.skipped.is_empty());
+/// // The deploy model is smaller: one Conv per block instead of two Convs, BNs and Adds.
+/// assert!(deploy.len() < training.len());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn fuse_model(bytes: &[u8], options: Options) -> Result<(Vec<u8>, FuseReport)> {
+    fuse_model_named(bytes, Path::new(IN_MEMORY), options)
+}
+
+/// [`fuse_model`], naming the model `name` in errors (the CLI says `<stdin>`).
+pub fn fuse_model_named(
+    bytes: &[u8],
+    name: &Path,
+    options: Options,
+) -> Result<(Vec<u8>, FuseReport)> {
+    let model = Model::from_bytes(name, Bytes::copy_from_slice(bytes), None)
+        .map_err(|e| e.in_file(name))?;
+    let mut out = Vec::new();
+    let report =
+        fuse(&model, Target::Memory(&mut out), options, &|_, _| {}).map_err(|e| e.in_file(name))?;
+    Ok((out, report))
+}
+
+/// [`inspect_file`] for a model held in memory.
+///
+/// ```
+/// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/models/tiny/ts_fold_op17.onnx");
+/// let report = onnx_repvgg::inspect_model(&std::fs::read(path)?, onnx_repvgg::Options::default())?;
+/// assert_eq!(report.blocks.len(), 7);
+/// assert_eq!(report.without_identity(), 5);
+/// assert_eq!(report.fusable(), 7);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn inspect_model(bytes: &[u8], options: Options) -> Result<InspectReport> {
+    let name = Path::new(IN_MEMORY);
+    let model = Model::from_bytes(name, Bytes::copy_from_slice(bytes), None)
+        .map_err(|e| e.in_file(name))?;
+    inspect(&model, options).map_err(|e| e.in_file(name))
+}
+
+/// Where a fusion's output goes.
+enum Target<'a> {
+    /// A file, written atomically, with a sidecar when needed; never over `protected`.
+    File {
+        output: &'a Path,
+        protected: Vec<std::path::PathBuf>,
+    },
+    /// Memory: the whole model inline (so at most 2 GiB).
+    Memory(&'a mut Vec<u8>),
+    /// Nowhere: a dry run that still folds and verifies every block.
+    Discard,
+}
+
+fn fuse(
+    model: &Model,
+    target: Target,
+    options: Options,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<FuseReport> {
+    let start = Instant::now();
+    let index = GraphIndex::new(model)?;
+    let analysis = plan::analyse(&index, options.fold())?;
     let patch = rewrite::build(&index, &analysis.plans);
+    let output = match &target {
+        Target::File { output, .. } => Some(*output),
+        _ => None,
+    };
+    let (sidecar_path, location) = match output {
+        Some(output) => onnx::output::sidecar_for(output)?,
+        None => Default::default(),
+    };
     let mut layout = if model.has_external_data() {
         DataLayout::Sidecar {
             location: location.clone(),
@@ -102,17 +195,13 @@ pub fn fuse_file_with_progress(
     } else {
         DataLayout::Inline
     };
-    let mut planned = splice::plan(&model, &patch, &layout).map_err(|e| e.in_file(input))?;
+    let mut planned = splice::plan(model, &patch, &layout)?;
     if planned.model_len > PROTOBUF_LIMIT {
         layout = DataLayout::Sidecar {
             location,
             move_inline: true,
         };
-        planned = splice::plan(&model, &patch, &layout).map_err(|e| e.in_file(input))?;
-    }
-    let sidecar = planned.sidecar_len.map(|_| sidecar_path.as_path());
-    if let Some(path) = sidecar {
-        onnx::output::check_output(path, &protected)?;
+        planned = splice::plan(model, &patch, &layout)?;
     }
     let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
     let mut produce =
@@ -144,17 +233,38 @@ pub fn fuse_file_with_progress(
             progress(p + 1, analysis.plans.len());
             Ok(vec![produced.bias])
         };
-    onnx::output::write_with(output, sidecar, |model_sink, sidecar_sink| {
+    let mut write = |model_sink: &mut splice::Sink, sidecar_sink: Option<&mut splice::Sink>| {
         splice::write(
             &planned,
-            &model,
+            model,
             &patch,
             model_sink,
             sidecar_sink,
             &mut produce,
         )
-    })
-    .map_err(|e| e.in_file(input))?;
+    };
+    match target {
+        Target::File { output, protected } => {
+            let sidecar = planned.sidecar_len.map(|_| sidecar_path.as_path());
+            if let Some(path) = sidecar {
+                onnx::output::check_output(path, &protected)?;
+            }
+            onnx::output::write_with(output, sidecar, write)?;
+        }
+        Target::Memory(out) => {
+            if planned.sidecar_len.is_some() {
+                return Err(Error::Graph(
+                    "the fused model needs external data (over 2 GiB): write it to a file".into(),
+                ));
+            }
+            let mut sink = splice::Sink::Memory(std::mem::take(out));
+            write(&mut sink, None)?;
+            if let splice::Sink::Memory(bytes) = sink {
+                *out = bytes;
+            }
+        }
+        Target::Discard => write(&mut splice::Sink::Discard, Some(&mut splice::Sink::Discard))?,
+    }
 
     let elements =
         |t: &onnx::proto::TensorProto| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>();
@@ -184,8 +294,12 @@ pub fn fuse_file_with_progress(
 /// Finds every block of `input` and tells whether (and why not) each can be folded.
 pub fn inspect_file(input: &Path, options: Options) -> Result<InspectReport> {
     let model = Model::open(input)?;
-    let index = GraphIndex::new(&model).map_err(|e| e.in_file(input))?;
-    let analysis = plan::analyse(&index, options.fold()).map_err(|e| e.in_file(input))?;
+    inspect(&model, options).map_err(|e| e.in_file(input))
+}
+
+fn inspect(model: &Model, options: Options) -> Result<InspectReport> {
+    let index = GraphIndex::new(model)?;
+    let analysis = plan::analyse(&index, options.fold())?;
     Ok(InspectReport {
         blocks: analysis.blocks(),
     })

@@ -76,8 +76,9 @@ pub struct ExternalStore {
 }
 
 impl ExternalStore {
-    /// Validates and maps every file named by an external initializer of the model in `dir`.
-    pub fn open(dir: &Path, initializers: &[TensorProto]) -> Result<ExternalStore> {
+    /// Validates and maps every file named by an external initializer of the model in `dir`
+    /// (`None`: a model without a folder, whose tensors must all be inline).
+    pub fn open(dir: Option<&Path>, initializers: &[TensorProto]) -> Result<ExternalStore> {
         let mut store = ExternalStore::default();
         for t in initializers.iter().filter(|t| is_external(t)) {
             let r = ExternalRef::of(t)?;
@@ -85,6 +86,13 @@ impl ExternalStore {
                 continue;
             }
             let name = t.name.as_deref().unwrap_or("");
+            let Some(dir) = dir else {
+                return Err(Error::ExternalData {
+                    name: name.to_string(),
+                    location: r.location,
+                    reason: "a model read from memory or a pipe cannot use external data".into(),
+                });
+            };
             let path = resolve(dir, &r.location).map_err(|reason| Error::ExternalData {
                 name: name.to_string(),
                 location: r.location.clone(),

@@ -101,7 +101,8 @@ impl Model {
     pub fn open(path: &Path) -> Result<Model> {
         let mapped = map_file(path)?;
         let bytes = mapped.as_ref().map_or_else(Bytes::new, Mapped::bytes);
-        let mut model = Model::from_bytes(path, bytes).map_err(|e| e.in_file(path))?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let mut model = Model::from_bytes(path, bytes, Some(dir)).map_err(|e| e.in_file(path))?;
         model.mapped = mapped;
         Ok(model)
     }
@@ -112,8 +113,9 @@ impl Model {
         self.external.release_pages();
     }
 
-    /// Reads a model from bytes; `path` locates external data and names the model in errors.
-    pub fn from_bytes(path: &Path, bytes: Bytes) -> Result<Model> {
+    /// Reads a model from bytes; `path` names the model in errors, `data_dir` is where its
+    /// external data lives (`None`: the model must hold all its tensors).
+    pub fn from_bytes(path: &Path, bytes: Bytes, data_dir: Option<&Path>) -> Result<Model> {
         let malformed = |reason: String| Error::Malformed {
             path: path.to_path_buf(),
             reason,
@@ -198,8 +200,7 @@ impl Model {
             };
             model.graph_fields.push((f, item));
         }
-        let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
-        model.external = ExternalStore::open(&dir, &model.initializers)?;
+        model.external = ExternalStore::open(data_dir, &model.initializers)?;
         Ok(model)
     }
 

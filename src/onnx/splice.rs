@@ -361,10 +361,12 @@ fn put_location(out: &mut Vec<u8>, location: &str, offset: usize, len: usize) {
     );
 }
 
-/// Where output goes: a file (written through a buffer; copies done by the kernel) or memory.
+/// Where output goes: a file (written through a buffer; copies done by the kernel), memory, or
+/// nowhere (a dry run).
 pub enum Sink {
     File(BufWriter<File>),
     Memory(Vec<u8>),
+    Discard,
 }
 
 impl Sink {
@@ -375,6 +377,7 @@ impl Sink {
                 v.extend_from_slice(bytes);
                 Ok(())
             }
+            Sink::Discard => Ok(()),
         }
     }
 
@@ -411,7 +414,7 @@ impl Sink {
     pub fn finish(&mut self) -> std::io::Result<()> {
         match self {
             Sink::File(w) => w.flush(),
-            Sink::Memory(_) => Ok(()),
+            Sink::Memory(_) | Sink::Discard => Ok(()),
         }
     }
 }
