@@ -18,7 +18,7 @@ type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 #[command(
-    after_help = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse -v train.onnx deploy.onnx\n  onnx-repvgg inspect train.onnx\n\nExit codes: 0 success, 1 error, 2 usage."
+    after_help = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse -v train.onnx deploy.onnx\n  onnx-repvgg fuse --dry-run train.onnx\n  onnx-repvgg inspect train.onnx\n  onnx-repvgg dot train.onnx --block stage1.0 -o block.svg\n  onnx-repvgg completions bash > /etc/bash_completion.d/onnx-repvgg\n\nExit codes: 0 success, 1 error, 2 usage."
 )]
 pub struct Args {
     #[command(subcommand)]
@@ -32,8 +32,10 @@ enum Command {
     /// Prints one summary line; blocks that look like RepVGG blocks but could not be folded are
     /// listed with the reason. OUT gets a sidecar OUT.data when IN has external data.
     /// With --out-dir, every argument is an input, fused to DIR/<its file name>, all in parallel.
+    /// IN or OUT may be `-` for standard input / output (models without external data); the
+    /// summary then goes to stderr.
     #[command(
-        after_help = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse a.onnx b.onnx --out-dir deploy/"
+        after_help = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse a.onnx b.onnx --out-dir deploy/\n  onnx-repvgg fuse --dry-run --json train.onnx\n  cat train.onnx | onnx-repvgg fuse - - > deploy.onnx"
     )]
     Fuse {
         /// IN OUT, or with --out-dir the inputs.
@@ -66,6 +68,9 @@ enum Command {
         /// weights, 1e-2 float16, 5e-2 bfloat16, 1e-9 float64).
         #[arg(long, value_name = "REL", value_parser = positive_float)]
         tolerance: Option<f64>,
+        /// Fold and verify every block and report, but write nothing: every path is an input.
+        #[arg(long, short = 'n', conflicts_with = "out_dir")]
+        dry_run: bool,
     },
     /// List the blocks of IN: channels, stride, groups, branches, and whether each can be folded.
     Inspect {
@@ -78,6 +83,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script: `onnx-repvgg completions bash > ~/.local/share/bash-completion/completions/onnx-repvgg`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `onnx-repvgg man > onnx-repvgg.1; man ./onnx-repvgg.1`.
+    Man,
 }
 
 /// Runs one command.
@@ -94,13 +106,31 @@ pub fn run(args: Args) -> Result<()> {
             verify: _,
             no_verify,
             tolerance,
+            dry_run,
         } => {
             let options = Options {
                 allow_training_bn: allow_training,
                 verify: !no_verify,
                 tolerance,
             };
-            let jobs = jobs(paths, out_dir)?;
+            let jobs = jobs(paths, out_dir, dry_run)?;
+            if let [job] = jobs.as_slice()
+                && (is_pipe(&job.input) || is_pipe(&job.output))
+            {
+                let report = fuse_piped(job, options)?;
+                // Standard output may carry the model: the report goes to stderr then.
+                let mut text = String::new();
+                if json {
+                    text = serde_json::to_string_pretty(&report.to_json())? + "\n";
+                } else if !quiet {
+                    print_fuse(&mut text, &report, verbose);
+                }
+                if is_pipe(&job.output) {
+                    eprint!("{text}");
+                    return Ok(());
+                }
+                return emit(&text);
+            }
             let batch = jobs.len() > 1 || jobs.iter().any(|j| j.batch);
             let results: Vec<(Job, Result<FuseReport>)> = {
                 use rayon::prelude::*;
@@ -113,12 +143,15 @@ pub fn run(args: Args) -> Result<()> {
                                 bar.set_position(done as u64);
                             }
                         };
-                        let report = onnx_repvgg::fuse_file_with_progress(
-                            &job.input,
-                            &job.output,
-                            options,
-                            &tick,
-                        )
+                        let report = match dry_run {
+                            true => onnx_repvgg::dry_run_file(&job.input, options),
+                            false => onnx_repvgg::fuse_file_with_progress(
+                                &job.input,
+                                &job.output,
+                                options,
+                                &tick,
+                            ),
+                        }
                         .map_err(anyhow::Error::from);
                         if let Some(bar) = bar {
                             bar.finish_and_clear();
@@ -134,7 +167,11 @@ pub fn run(args: Args) -> Result<()> {
                     Ok(report) if json => {
                         let mut value = report.to_json();
                         value["input"] = job.input.display().to_string().into();
-                        value["output"] = job.output.display().to_string().into();
+                        value["output"] = match dry_run {
+                            true => serde_json::Value::Null,
+                            false => job.output.display().to_string().into(),
+                        };
+                        value["dry_run"] = dry_run.into();
                         reports.push(value);
                     }
                     Ok(report) => {
@@ -148,7 +185,13 @@ pub fn run(args: Args) -> Result<()> {
                             );
                         }
                         if !quiet {
-                            if batch {
+                            if dry_run {
+                                let _ = write!(
+                                    out,
+                                    "{} (dry run, nothing written): ",
+                                    job.input.display()
+                                );
+                            } else if batch {
                                 let _ = write!(
                                     out,
                                     "{} → {}: ",
@@ -195,6 +238,18 @@ pub fn run(args: Args) -> Result<()> {
                 print_inspect(&mut out, &report);
             }
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut bytes = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "onnx-repvgg", &mut bytes);
+            out = String::from_utf8(bytes)?;
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut bytes = Vec::new();
+            clap_mangen::Man::new(Args::command()).render(&mut bytes)?;
+            out = String::from_utf8(bytes)?;
+        }
     }
     emit(&out)
 }
@@ -207,8 +262,27 @@ struct Job {
     batch: bool,
 }
 
-/// IN OUT, or every path an input written into `out_dir`.
-fn jobs(paths: Vec<PathBuf>, out_dir: Option<PathBuf>) -> Result<Vec<Job>> {
+/// IN OUT, or every path an input written into `out_dir` (or, in a dry run, nowhere).
+fn jobs(paths: Vec<PathBuf>, out_dir: Option<PathBuf>, dry_run: bool) -> Result<Vec<Job>> {
+    if dry_run {
+        let batch = paths.len() > 1;
+        return Ok(paths
+            .into_iter()
+            .map(|input| Job {
+                output: PathBuf::new(),
+                input,
+                batch,
+            })
+            .collect());
+    }
+    if out_dir.is_some() {
+        if let Some(pipe) = paths.iter().find(|p| is_pipe(p)) {
+            anyhow::bail!(
+                "{}: standard input cannot be part of an --out-dir batch",
+                pipe.display()
+            );
+        }
+    }
     match out_dir {
         Some(dir) => {
             let jobs: Vec<Job> = paths
@@ -253,6 +327,42 @@ fn jobs(paths: Vec<PathBuf>, out_dir: Option<PathBuf>) -> Result<Vec<Job>> {
             }
         },
     }
+}
+
+/// `-`: standard input or output.
+fn is_pipe(path: &std::path::Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Fuses a model read from stdin or written to stdout, in memory.
+fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
+    use std::io::{IsTerminal, Read};
+    if is_pipe(&job.output) && std::io::stdout().is_terminal() {
+        anyhow::bail!("refusing to write a binary model to a terminal: redirect standard output");
+    }
+    let (bytes, name) = if is_pipe(&job.input) {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut bytes)
+            .map_err(|e| anyhow::anyhow!("<stdin>: {e}"))?;
+        (bytes, PathBuf::from("<stdin>"))
+    } else {
+        let bytes = std::fs::read(&job.input)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", job.input.display()))?;
+        (bytes, job.input.clone())
+    };
+    let (model, report) = onnx_repvgg::fuse_model_named(&bytes, &name, options)?;
+    if is_pipe(&job.output) {
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(&model)
+            .and_then(|()| stdout.flush())
+            .map_err(|e| anyhow::anyhow!("<stdout>: {e}"))?;
+    } else {
+        onnx_repvgg::onnx::output::write_bytes(&job.output, &model)?;
+    }
+    Ok(report)
 }
 
 /// A progress bar on stderr for long runs, when it is a terminal.

@@ -107,6 +107,15 @@ pub fn write_with(
     Ok(())
 }
 
+/// Writes `bytes` to `output` atomically (a model fused in memory).
+pub fn write_bytes(output: &Path, bytes: &[u8]) -> Result<()> {
+    check_output(output, &[])?;
+    write_with(output, None, |sink, _| match sink {
+        Sink::File(w) => std::io::Write::write_all(w, bytes).map_err(|e| Error::io(output, e)),
+        _ => Ok(()),
+    })
+}
+
 /// An empty temporary file next to `path`; it vanishes unless persisted.
 fn temporary(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = parent_dir(path);
