@@ -275,13 +275,13 @@ fn jobs(paths: Vec<PathBuf>, out_dir: Option<PathBuf>, dry_run: bool) -> Result<
             })
             .collect());
     }
-    if out_dir.is_some() {
-        if let Some(pipe) = paths.iter().find(|p| is_pipe(p)) {
-            anyhow::bail!(
-                "{}: standard input cannot be part of an --out-dir batch",
-                pipe.display()
-            );
-        }
+    if out_dir.is_some()
+        && let Some(pipe) = paths.iter().find(|p| is_pipe(p))
+    {
+        anyhow::bail!(
+            "{}: standard input cannot be part of an --out-dir batch",
+            pipe.display()
+        );
     }
     match out_dir {
         Some(dir) => {
