@@ -72,7 +72,11 @@ enum Command {
         #[arg(long, short = 'n', conflicts_with = "out_dir")]
         dry_run: bool,
     },
-    /// List the blocks of IN: channels, stride, groups, branches, and whether each can be folded.
+    /// List the blocks of IN: channels, stride, groups, branches, parameters and FLOPs before →
+    /// after, and whether each can be folded (or why not).
+    #[command(
+        after_help = "Examples:\n  onnx-repvgg inspect train.onnx\n  onnx-repvgg inspect --input-size 320x320 train.onnx\n  onnx-repvgg inspect --int8 train.onnx\n  onnx-repvgg inspect --json train.onnx | jq '.summary'"
+    )]
     Inspect {
         /// The model to study.
         input: PathBuf,
@@ -82,6 +86,15 @@ enum Command {
         /// Print the blocks as JSON: see the README for its fields.
         #[arg(long)]
         json: bool,
+        /// Input size FLOPs are counted for: `224`, `320x256` (default: the model's declared
+        /// size, or 224 on every spatial axis when it is symbolic).
+        #[arg(long, value_name = "HxW", value_parser = input_size)]
+        input_size: Option<Size>,
+        /// Fold every block (writing nothing) and report how its fused kernel suits INT8:
+        /// range, per-channel spread, outliers beyond 3σ, per-tensor and per-channel SQNR; flag
+        /// the kernels likely to hurt per-tensor quantization.
+        #[arg(long)]
+        int8: bool,
     },
     /// Print a shell completion script: `onnx-repvgg completions bash > ~/.local/share/bash-completion/completions/onnx-repvgg`.
     Completions {
@@ -226,12 +239,15 @@ pub fn run(args: Args) -> Result<()> {
             input,
             allow_training,
             json,
+            input_size,
+            int8,
         } => {
-            let options = Options {
+            let options = onnx_repvgg::InspectOptions {
                 allow_training_bn: allow_training,
-                ..Options::default()
+                input_size: input_size.map(|s| s.0),
+                int8,
             };
-            let report = onnx_repvgg::inspect_file(&input, options)?;
+            let report = onnx_repvgg::inspect_file_with(&input, &options)?;
             if json {
                 out = serde_json::to_string_pretty(&report.to_json())? + "\n";
             } else {
@@ -379,6 +395,21 @@ fn progress_bar(quiet: bool, input: &std::path::Path) -> Option<indicatif::Progr
     Some(bar)
 }
 
+/// A spatial size: one number per axis, or one for all.
+#[derive(Debug, Clone)]
+struct Size(Vec<usize>);
+
+/// `224` or `320x256`: positive sizes.
+fn input_size(s: &str) -> std::result::Result<Size, String> {
+    s.split('x')
+        .map(|d| match d.trim().parse::<usize>() {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(format!("'{s}' is not a size like 224 or 320x256")),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map(Size)
+}
+
 fn positive_float(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
@@ -479,9 +510,14 @@ fn stride(b: &BlockInfo) -> String {
 /// One row per block, columns padded to the widest cell; the last column says fused/fusable.
 /// `[header, yes]`: the last column's title and what it says of a fusable block.
 fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, [last, yes]: [&str; 2]) {
-    let rows: Vec<[String; 7]> = blocks
+    let rows: Vec<[String; 9]> = blocks
         .iter()
         .map(|b| {
+            let before_after = |before: Option<u64>, after: Option<u64>| match (before, after) {
+                (Some(x), Some(y)) => format!("{} → {}", count(x), count(y)),
+                (Some(x), None) => count(x),
+                _ => String::new(),
+            };
             [
                 b.name.clone(),
                 channels(b),
@@ -489,6 +525,12 @@ fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, [last, yes
                 b.groups.to_string(),
                 shape(b),
                 if b.has_identity() { "yes" } else { "none" }.into(),
+                b.cost.map_or(String::new(), |c| {
+                    before_after(Some(c.params_before), c.params_after)
+                }),
+                b.cost.map_or(String::new(), |c| {
+                    before_after(c.flops_before, c.flops_after)
+                }),
                 match (&b.reason, b.deviation) {
                     (None, Some(d)) => format!("{yes}, verified {:.1e}", d.rel),
                     (None, None) => yes.into(),
@@ -498,20 +540,33 @@ fn print_table(out: &mut String, blocks: &[&BlockInfo], indent: &str, [last, yes
         })
         .collect();
     let header = [
-        "block", "channels", "stride", "groups", "branches", "identity", last,
+        "block", "channels", "stride", "groups", "branches", "identity", "params", "FLOPs", last,
     ]
     .map(String::from);
+    print_rows(out, indent, &header, &rows);
+}
+
+/// Rows under a header, columns padded to the widest cell; columns empty in every row are left
+/// out.
+fn print_rows<const N: usize>(
+    out: &mut String,
+    indent: &str,
+    header: &[String; N],
+    rows: &[[String; N]],
+) {
+    let used: Vec<usize> = (0..N)
+        .filter(|&c| rows.is_empty() || rows.iter().any(|r| !r[c].is_empty()))
+        .collect();
     let mut widths = header.clone().map(|h| h.chars().count());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row
+    for row in std::iter::once(header).chain(rows) {
+        let cells: Vec<String> = used
             .iter()
-            .zip(&widths)
-            .map(|(c, &w)| format!("{c:<w$}"))
+            .map(|&c| format!("{:<w$}", row[c], w = widths[c]))
             .collect();
         let _ = writeln!(out, "{indent}{}", cells.join("  ").trim_end());
     }
@@ -527,4 +582,82 @@ fn print_inspect(out: &mut String, r: &InspectReport) {
         r.without_identity(),
         r.fusable()
     );
+    let [pb, pa, fb, fa] = r.totals();
+    if let (Some(pb), Some(pa)) = (pb, pa) {
+        let _ = write!(out, "blocks' parameters {} → {}", count(pb), count(pa));
+        if let (Some(fb), Some(fa)) = (fb, fa) {
+            let _ = write!(out, ", FLOPs {} → {}", count(fb), count(fa));
+            if let Some(shape) = &r.input_shape {
+                let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+                let _ = write!(out, " at input {}", dims.join("x"));
+            }
+        }
+        let _ = writeln!(out);
+    }
+    if r.blocks.iter().any(|b| b.int8.is_some()) {
+        let _ = writeln!(out);
+        print_int8(out, r);
+    }
+}
+
+/// The INT8 readiness table: one row per fused kernel.
+fn print_int8(out: &mut String, r: &InspectReport) {
+    let header = [
+        "block",
+        "min",
+        "max",
+        "channel spread",
+        ">3σ",
+        "SQNR tensor",
+        "SQNR channel",
+        "INT8",
+    ]
+    .map(String::from);
+    let db = |v: f64| match v.is_finite() {
+        true => format!("{v:.1} dB"),
+        false => "exact".into(),
+    };
+    let rows: Vec<[String; 8]> = r
+        .blocks
+        .iter()
+        .filter_map(|b| b.int8.map(|q| (b, q)))
+        .map(|(b, q)| {
+            [
+                b.name.clone(),
+                format!("{:.3}", q.min),
+                format!("{:.3}", q.max),
+                format!("{:.1}", q.channel_spread),
+                format!("{:.2}%", 100.0 * q.outliers),
+                db(q.sqnr_per_tensor_db),
+                db(q.sqnr_per_channel_db),
+                if q.is_risky() {
+                    "per-tensor risky: use per-channel".into()
+                } else {
+                    "ok".into()
+                },
+            ]
+        })
+        .collect();
+    print_rows(out, "", &header, &rows);
+    let risky = r
+        .blocks
+        .iter()
+        .filter(|b| b.int8.is_some_and(|q| q.is_risky()))
+        .count();
+    let _ = writeln!(
+        out,
+        "{risky} of {} fused kernels below {} dB SQNR with per-tensor INT8",
+        rows.len(),
+        onnx_repvgg::quant::RISK_SQNR_DB
+    );
+}
+
+/// 1234567 → `1.23M`.
+fn count(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}K", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        _ => format!("{:.2}G", n as f64 / 1e9),
+    }
 }

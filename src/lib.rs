@@ -17,6 +17,7 @@
 
 pub mod affine;
 pub mod constant;
+pub mod cost;
 pub mod error;
 pub mod fold;
 pub mod graph;
@@ -24,8 +25,10 @@ pub mod naming;
 pub mod onnx;
 pub mod pattern;
 pub mod plan;
+pub mod quant;
 pub mod report;
 pub mod rewrite;
+pub mod shapes;
 pub mod tensor;
 pub mod verify;
 
@@ -153,7 +156,11 @@ pub fn inspect_model(bytes: &[u8], options: Options) -> Result<InspectReport> {
     let name = Path::new(IN_MEMORY);
     let model = Model::from_bytes(name, Bytes::copy_from_slice(bytes), None)
         .map_err(|e| e.in_file(name))?;
-    inspect(&model, options).map_err(|e| e.in_file(name))
+    let options = InspectOptions {
+        allow_training_bn: options.allow_training_bn,
+        ..InspectOptions::default()
+    };
+    inspect(&model, &options).map_err(|e| e.in_file(name))
 }
 
 /// Where a fusion's output goes.
@@ -291,16 +298,74 @@ fn fuse(
     })
 }
 
+/// What `inspect` computes beyond the blocks.
+#[derive(Debug, Clone, Default)]
+pub struct InspectOptions {
+    /// Count BatchNormalization nodes in training mode as foldable.
+    pub allow_training_bn: bool,
+    /// Spatial size of the input FLOPs are counted for (one number per axis, or one for all);
+    /// by default the model's declared size, or 224 where it is symbolic.
+    pub input_size: Option<Vec<usize>>,
+    /// Fold every block (nothing is written) and report INT8 statistics of its kernel.
+    pub int8: bool,
+}
+
+/// Spatial size assumed where the model's input size is symbolic and none is stated.
+pub const DEFAULT_INPUT_SIZE: usize = 224;
+
 /// Finds every block of `input` and tells whether (and why not) each can be folded.
 pub fn inspect_file(input: &Path, options: Options) -> Result<InspectReport> {
+    let options = InspectOptions {
+        allow_training_bn: options.allow_training_bn,
+        ..InspectOptions::default()
+    };
+    inspect_file_with(input, &options)
+}
+
+/// [`inspect_file`] with costs at a stated input size and, on request, INT8 statistics.
+pub fn inspect_file_with(input: &Path, options: &InspectOptions) -> Result<InspectReport> {
     let model = Model::open(input)?;
     inspect(&model, options).map_err(|e| e.in_file(input))
 }
 
-fn inspect(model: &Model, options: Options) -> Result<InspectReport> {
+fn inspect(model: &Model, options: &InspectOptions) -> Result<InspectReport> {
     let index = GraphIndex::new(model)?;
-    let analysis = plan::analyse(&index, options.fold())?;
+    let fold = fold::FoldOptions {
+        allow_training_bn: options.allow_training_bn,
+    };
+    let mut analysis = plan::analyse(&index, fold)?;
+    let mut shapes = shapes::Shapes::infer(&index, options.input_size.as_deref());
+    let symbolic = shapes.input.as_ref().is_none_or(|s| s.len() < 3);
+    if options.input_size.is_none() && symbolic {
+        let default = [DEFAULT_INPUT_SIZE];
+        shapes = shapes::Shapes::infer(&index, Some(&default));
+    }
+    for plan in &mut analysis.plans {
+        plan.info.cost = Some(cost::of_block(
+            &index,
+            &plan.block,
+            Some(&plan.layout),
+            &shapes,
+        ));
+        if options.int8 {
+            let mut weights = Vec::new();
+            plan.write_tensors(
+                &index,
+                &mut |bytes| {
+                    tensor::decode_into(bytes, plan.dtype, &mut weights);
+                    Ok(())
+                },
+                &[],
+            )?;
+            plan.info.int8 = Some(quant::Int8Stats::of(&weights, plan.layout.out_channels));
+            model.release_pages();
+        }
+    }
+    for (info, block) in analysis.skipped.iter_mut().zip(&analysis.skipped_blocks) {
+        info.cost = Some(cost::of_block(&index, block, None, &shapes));
+    }
     Ok(InspectReport {
         blocks: analysis.blocks(),
+        input_shape: shapes.input.clone(),
     })
 }

@@ -32,8 +32,8 @@ pub struct BlockPlan {
 pub struct Analysis {
     pub plans: Vec<BlockPlan>,
     pub skipped: Vec<BlockInfo>,
-    /// Root sum node of each skipped block (parallel to `skipped`).
-    skipped_roots: Vec<usize>,
+    /// Each skipped block (parallel to `skipped`).
+    pub skipped_blocks: Vec<Block>,
 }
 
 impl Analysis {
@@ -45,9 +45,9 @@ impl Analysis {
             .map(|p| (p.block.root, p.info.clone()))
             .collect();
         all.extend(
-            self.skipped_roots
+            self.skipped_blocks
                 .iter()
-                .copied()
+                .map(|b| b.root)
                 .zip(self.skipped.iter().cloned()),
         );
         all.sort_by_key(|(root, _)| *root);
@@ -81,7 +81,7 @@ pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
             }
             Err(FoldError::Skip(reason)) => {
                 info.reason = Some(reason);
-                analysis.skipped_roots.push(block.root);
+                analysis.skipped_blocks.push(block);
                 analysis.skipped.push(info);
             }
             Err(FoldError::Invalid(e)) => return Err(e),

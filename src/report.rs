@@ -29,6 +29,10 @@ pub struct BlockInfo {
     pub rounding_error: Option<f64>,
     /// How far the fused Conv is from the original subgraph, when verified.
     pub deviation: Option<crate::verify::Deviation>,
+    /// Parameters and FLOPs before → after (`inspect`).
+    pub cost: Option<crate::cost::Cost>,
+    /// Quantization statistics of the fused kernel (`inspect --int8`).
+    pub int8: Option<crate::quant::Int8Stats>,
 }
 
 impl BlockInfo {
@@ -58,6 +62,8 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
         reason: None,
         rounding_error: None,
         deviation: None,
+        cost: None,
+        int8: None,
     };
     if let Some(&conv) = block.convs().first() {
         let node = index.node(conv);
@@ -195,6 +201,8 @@ impl FuseReport {
 #[derive(Debug, Clone, Default)]
 pub struct InspectReport {
     pub blocks: Vec<BlockInfo>,
+    /// The input shape FLOPs are counted for (batch 1), when known.
+    pub input_shape: Option<Vec<usize>>,
 }
 
 impl InspectReport {
@@ -204,6 +212,26 @@ impl InspectReport {
 
     pub fn without_identity(&self) -> usize {
         self.blocks.iter().filter(|b| !b.has_identity()).count()
+    }
+
+    /// Totals over the blocks: parameters before and after (fused blocks counted after fusion,
+    /// others as they are), FLOPs likewise; `None` when some block's count is unknown.
+    pub fn totals(&self) -> [Option<u64>; 4] {
+        let sum = |f: &dyn Fn(&crate::cost::Cost) -> Option<u64>| {
+            self.blocks
+                .iter()
+                .map(|b| b.cost.as_ref().and_then(f))
+                .sum::<Option<u64>>()
+        };
+        [
+            sum(&|c| Some(c.params_before)),
+            sum(&|c| Some(c.params_after.unwrap_or(c.params_before))),
+            sum(&|c| c.flops_before),
+            sum(&|c| match c.params_after {
+                Some(_) => c.flops_after,
+                None => c.flops_before,
+            }),
+        ]
     }
 }
 
@@ -223,6 +251,11 @@ impl BlockInfo {
             "reason": self.reason,
             "deviation": self.deviation.map(|d| serde_json::json!({"abs": d.abs, "rel": d.rel})),
             "rounding_error": self.rounding_error,
+            "params_before": self.cost.map(|c| c.params_before),
+            "params_after": self.cost.and_then(|c| c.params_after),
+            "flops_before": self.cost.and_then(|c| c.flops_before),
+            "flops_after": self.cost.and_then(|c| c.flops_after),
+            "int8": self.int8.map(|q| q.to_json()),
         })
     }
 }
@@ -235,6 +268,12 @@ impl InspectReport {
                 "blocks": self.blocks.len(),
                 "fusable": self.fusable(),
                 "without_identity": self.without_identity(),
+                "input_shape": self.input_shape,
+                "params_before": self.totals()[0],
+                "params_after": self.totals()[1],
+                "flops_before": self.totals()[2],
+                "flops_after": self.totals()[3],
+                "int8_risky": self.blocks.iter().filter(|b| b.int8.is_some_and(|q| q.is_risky())).count(),
             },
             "blocks": self.blocks.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
         })

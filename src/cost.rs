@@ -1,0 +1,99 @@
+//! What a block costs before and after fusion: parameters (elements of the constant tensors its
+//! nodes read) and FLOPs at a stated input size (a multiply-add counts 2; bias, BatchNormalization
+//! and the sums count one or two per output element).
+
+use crate::affine::Layout;
+use crate::graph::GraphIndex;
+use crate::pattern::Block;
+use crate::shapes::Shapes;
+
+/// A block's parameters and FLOPs, before → after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cost {
+    pub params_before: u64,
+    /// `None` when the block is not fused.
+    pub params_after: Option<u64>,
+    /// `None` when a shape on the way is unknown.
+    pub flops_before: Option<u64>,
+    pub flops_after: Option<u64>,
+}
+
+/// Counts `block`; `layout` is the fused Conv's, when the block folds.
+pub fn of_block(
+    index: &GraphIndex,
+    block: &Block,
+    layout: Option<&Layout>,
+    shapes: &Shapes,
+) -> Cost {
+    let elements = |value: &str| -> u64 {
+        let dims: Option<Vec<i64>> = match index.declared_tensor(value) {
+            Some(t) => Some(t.dims.clone()),
+            None => index.constant(value).map(|t| t.dims.clone()),
+        };
+        dims.map_or(0, |d| d.iter().map(|&v| v.max(0) as u64).product())
+    };
+    let mut params_before = 0;
+    let mut flops_before = Some(0u64);
+    for n in block.nodes() {
+        let node = index.node(n);
+        let constants = node.input.iter().filter(|v| {
+            !v.is_empty()
+                && *v != &block.input
+                && index
+                    .producer(v)
+                    .is_none_or(|p| !block.nodes().contains(&p))
+        });
+        params_before += constants.map(|v| elements(v)).sum::<u64>();
+        let out = node
+            .output
+            .first()
+            .and_then(|o| shapes.get(index, o))
+            .map(|s| s.iter().product::<usize>() as u64);
+        let flops = out.and_then(|out| node_flops(index, node, out));
+        flops_before = flops_before.zip(flops).map(|(a, b)| a + b);
+    }
+    let out = shapes
+        .get(index, block.output(index))
+        .map(|s| s.iter().product::<usize>() as u64);
+    let params_after = layout.map(|l| {
+        let dims = l.weight_dims();
+        dims.iter().product::<usize>() as u64 + dims[0] as u64
+    });
+    let flops_after = layout.zip(out).map(|(l, out)| {
+        let per_output: u64 = l.weight_dims()[1..].iter().product::<usize>() as u64;
+        out * (2 * per_output + 1)
+    });
+    Cost {
+        params_before,
+        params_after,
+        flops_before,
+        flops_after,
+    }
+}
+
+/// FLOPs of one node producing `out` elements.
+fn node_flops(index: &GraphIndex, node: &crate::onnx::proto::NodeProto, out: u64) -> Option<u64> {
+    match node.op_type() {
+        "Conv" => {
+            let w = index
+                .declared_tensor(node.input.get(1)?)
+                .map(|t| t.dims.clone());
+            let w = w.or_else(|| index.constant(node.input.get(1)?).map(|t| t.dims.clone()))?;
+            let per_output: u64 = w.iter().skip(1).map(|&d| d.max(0) as u64).product();
+            let bias = u64::from(node.input.get(2).is_some_and(|b| !b.is_empty()));
+            Some(out * (2 * per_output + bias))
+        }
+        "AveragePool" => {
+            let kernel: u64 = crate::onnx::attr::ints(node, "kernel_shape")?
+                .iter()
+                .map(|&k| k.max(0) as u64)
+                .product();
+            Some(out * kernel)
+        }
+        "BatchNormalization" => Some(2 * out),
+        "Add" | "Sub" | "Mul" | "Div" | "Sum" => {
+            Some(out * node.input.len().saturating_sub(1) as u64)
+        }
+        _ => Some(out),
+    }
+}
