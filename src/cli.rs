@@ -96,6 +96,26 @@ enum Command {
         #[arg(long)]
         int8: bool,
     },
+    /// Draw the block structure of IN before and after fusion as Graphviz DOT (or SVG).
+    ///
+    /// Before: every operator, each block's nodes filled in its own colour, identity branches
+    /// bold red; after: each folded block as its one Conv. With --block, only that block.
+    #[command(
+        after_help = "Examples:\n  onnx-repvgg dot train.onnx > model.dot\n  onnx-repvgg dot train.onnx --block stage2.1 -o block.svg   (needs Graphviz `dot`)"
+    )]
+    Dot {
+        /// The model to draw.
+        input: PathBuf,
+        /// Draw only this block (a name `inspect` lists).
+        #[arg(long, value_name = "NAME")]
+        block: Option<String>,
+        /// Write here instead of stdout; a name ending in .svg is rendered with Graphviz `dot`.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Draw blocks with BatchNormalization in training mode as foldable.
+        #[arg(long)]
+        allow_training: bool,
+    },
     /// Print a shell completion script: `onnx-repvgg completions bash > ~/.local/share/bash-completion/completions/onnx-repvgg`.
     Completions {
         /// The shell to complete in.
@@ -254,6 +274,29 @@ pub fn run(args: Args) -> Result<()> {
                 print_inspect(&mut out, &report);
             }
         }
+        Command::Dot {
+            input,
+            block,
+            output,
+            allow_training,
+        } => {
+            let options = Options {
+                allow_training_bn: allow_training,
+                ..Options::default()
+            };
+            let dot = onnx_repvgg::dot_file(&input, block.as_deref(), options)?;
+            let Some(output) = output else {
+                return emit(&dot);
+            };
+            let svg = output
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+            let bytes = match svg {
+                true => render_svg(&dot)?,
+                false => dot.into_bytes(),
+            };
+            onnx_repvgg::onnx::output::write_bytes(&output, &bytes)?;
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut bytes = Vec::new();
@@ -343,6 +386,37 @@ fn jobs(paths: Vec<PathBuf>, out_dir: Option<PathBuf>, dry_run: bool) -> Result<
             }
         },
     }
+}
+
+/// Renders DOT to SVG with Graphviz.
+fn render_svg(dot: &str) -> Result<Vec<u8>> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!("cannot run Graphviz `dot` ({e}): install Graphviz, or write .dot")
+        })?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("dot: no stdin"))?;
+    let text = dot.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
+    let result = child.wait_with_output()?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("dot: writer panicked"))??;
+    if !result.status.success() {
+        anyhow::bail!(
+            "Graphviz `dot` failed: {}",
+            String::from_utf8_lossy(&result.stderr).trim()
+        );
+    }
+    Ok(result.stdout)
 }
 
 /// `-`: standard input or output.

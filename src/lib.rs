@@ -18,6 +18,7 @@
 pub mod affine;
 pub mod constant;
 pub mod cost;
+pub mod dot;
 pub mod error;
 pub mod fold;
 pub mod graph;
@@ -296,6 +297,17 @@ fn fuse(
         training_bn_folded: plan::training_bns(&index, &analysis.plans),
         elapsed: start.elapsed(),
     })
+}
+
+/// Graphviz DOT of `input`'s structure before and after fusion, or of the block named `block`.
+pub fn dot_file(input: &Path, block: Option<&str>, options: Options) -> Result<String> {
+    let model = Model::open(input)?;
+    let draw = || -> Result<String> {
+        let index = GraphIndex::new(&model)?;
+        let analysis = plan::analyse(&index, options.fold())?;
+        dot::draw(&index, &analysis, block)
+    };
+    draw().map_err(|e| e.in_file(input))
 }
 
 /// What `inspect` computes beyond the blocks.
