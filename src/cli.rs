@@ -431,18 +431,27 @@ fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
         anyhow::bail!("refusing to write a binary model to a terminal: redirect standard output");
     }
     let (bytes, name) = if is_pipe(&job.input) {
+        // The model and its fused copy sit in memory: read at most a third of what is free.
+        let cap = onnx_repvgg::memory::available().map_or(u64::MAX, |m| m / 3);
         let mut bytes = Vec::new();
         std::io::stdin()
             .lock()
+            .take(cap.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(|e| anyhow::anyhow!("<stdin>: {e}"))?;
+        if bytes.len() as u64 > cap {
+            anyhow::bail!(
+                "<stdin>: not enough memory: a model over {} MiB cannot be fused through a pipe here; pass it as a file",
+                cap >> 20
+            );
+        }
         (bytes, PathBuf::from("<stdin>"))
     } else {
         let bytes = std::fs::read(&job.input)
             .map_err(|e| anyhow::anyhow!("{}: {e}", job.input.display()))?;
         (bytes, job.input.clone())
     };
-    let (model, report) = onnx_repvgg::fuse_model_named(&bytes, &name, options)?;
+    let (model, report) = onnx_repvgg::fuse_model_named(bytes.into(), &name, options)?;
     if is_pipe(&job.output) {
         let mut stdout = std::io::stdout().lock();
         stdout

@@ -30,9 +30,9 @@ pub fn of_block(
             Some(t) => Some(t.dims.clone()),
             None => index.constant(value).map(|t| t.dims.clone()),
         };
-        dims.map_or(0, |d| d.iter().map(|&v| v.max(0) as u64).product())
+        dims.map_or(0, |d| product(d.iter().map(|&v| v.max(0) as u64)))
     };
-    let mut params_before = 0;
+    let mut params_before = 0u64;
     let mut flops_before = Some(0u64);
     for n in block.nodes() {
         let node = index.node(n);
@@ -43,25 +43,26 @@ pub fn of_block(
                     .producer(v)
                     .is_none_or(|p| !block.nodes().contains(&p))
         });
-        params_before += constants.map(|v| elements(v)).sum::<u64>();
+        params_before =
+            constants.fold(params_before, |sum: u64, v| sum.saturating_add(elements(v)));
         let out = node
             .output
             .first()
             .and_then(|o| shapes.get(index, o))
-            .map(|s| s.iter().product::<usize>() as u64);
+            .map(|s| product(s.iter().map(|&d| d as u64)));
         let flops = out.and_then(|out| node_flops(index, node, out));
-        flops_before = flops_before.zip(flops).map(|(a, b)| a + b);
+        flops_before = flops_before.zip(flops).map(|(a, b)| a.saturating_add(b));
     }
     let out = shapes
         .get(index, block.output(index))
-        .map(|s| s.iter().product::<usize>() as u64);
+        .map(|s| product(s.iter().map(|&d| d as u64)));
     let params_after = layout.map(|l| {
         let dims = l.weight_dims();
-        dims.iter().product::<usize>() as u64 + dims[0] as u64
+        product(dims.iter().map(|&d| d as u64)).saturating_add(dims[0] as u64)
     });
     let flops_after = layout.zip(out).map(|(l, out)| {
-        let per_output: u64 = l.weight_dims()[1..].iter().product::<usize>() as u64;
-        out * (2 * per_output + 1)
+        let per_output = product(l.weight_dims()[1..].iter().map(|&d| d as u64));
+        out.saturating_mul(per_output.saturating_mul(2).saturating_add(1))
     });
     Cost {
         params_before,
@@ -79,21 +80,27 @@ fn node_flops(index: &GraphIndex, node: &crate::onnx::proto::NodeProto, out: u64
                 .declared_tensor(node.input.get(1)?)
                 .map(|t| t.dims.clone());
             let w = w.or_else(|| index.constant(node.input.get(1)?).map(|t| t.dims.clone()))?;
-            let per_output: u64 = w.iter().skip(1).map(|&d| d.max(0) as u64).product();
+            let per_output = product(w.iter().skip(1).map(|&d| d.max(0) as u64));
             let bias = u64::from(node.input.get(2).is_some_and(|b| !b.is_empty()));
-            Some(out * (2 * per_output + bias))
+            Some(out.saturating_mul(per_output.saturating_mul(2).saturating_add(bias)))
         }
         "AveragePool" => {
-            let kernel: u64 = crate::onnx::attr::ints(node, "kernel_shape")?
-                .iter()
-                .map(|&k| k.max(0) as u64)
-                .product();
-            Some(out * kernel)
+            let kernel = product(
+                crate::onnx::attr::ints(node, "kernel_shape")?
+                    .iter()
+                    .map(|&k| k.max(0) as u64),
+            );
+            Some(out.saturating_mul(kernel))
         }
-        "BatchNormalization" => Some(2 * out),
+        "BatchNormalization" => Some(out.saturating_mul(2)),
         "Add" | "Sub" | "Mul" | "Div" | "Sum" => {
-            Some(out * node.input.len().saturating_sub(1) as u64)
+            Some(out.saturating_mul(node.input.len().saturating_sub(1) as u64))
         }
         _ => Some(out),
     }
+}
+
+/// The product of `dims`, saturating: hostile declared shapes make huge counts, never a panic.
+fn product(dims: impl Iterator<Item = u64>) -> u64 {
+    dims.fold(1, u64::saturating_mul)
 }

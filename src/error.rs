@@ -38,6 +38,9 @@ pub enum Error {
     /// A fused block failed its numerical check (nothing was written).
     #[error("block '{block}' failed verification: {reason}")]
     Verify { block: String, reason: String },
+    /// The run would need more memory than is available (see [`crate::memory`]).
+    #[error("not enough memory: {0}")]
+    Resources(String),
     /// An error about one input file, with the file named.
     #[error("{}: {error}", path.display())]
     InFile { path: PathBuf, error: Box<Error> },

@@ -22,6 +22,7 @@ pub mod dot;
 pub mod error;
 pub mod fold;
 pub mod graph;
+pub mod memory;
 pub mod naming;
 pub mod onnx;
 pub mod pattern;
@@ -126,17 +127,17 @@ pub const IN_MEMORY: &str = "<memory>";
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn fuse_model(bytes: &[u8], options: Options) -> Result<(Vec<u8>, FuseReport)> {
-    fuse_model_named(bytes, Path::new(IN_MEMORY), options)
+    fuse_model_named(Bytes::copy_from_slice(bytes), Path::new(IN_MEMORY), options)
 }
 
-/// [`fuse_model`], naming the model `name` in errors (the CLI says `<stdin>`).
+/// [`fuse_model`] without copying the input, naming the model `name` in errors (the CLI says
+/// `<stdin>`).
 pub fn fuse_model_named(
-    bytes: &[u8],
+    bytes: Bytes,
     name: &Path,
     options: Options,
 ) -> Result<(Vec<u8>, FuseReport)> {
-    let model = Model::from_bytes(name, Bytes::copy_from_slice(bytes), None)
-        .map_err(|e| e.in_file(name))?;
+    let model = Model::from_bytes(name, bytes, None).map_err(|e| e.in_file(name))?;
     let mut out = Vec::new();
     let report =
         fuse(&model, Target::Memory(&mut out), options, &|_, _| {}).map_err(|e| e.in_file(name))?;
@@ -211,6 +212,14 @@ fn fuse(
         };
         planned = splice::plan(model, &patch, &layout)?;
     }
+    let in_memory = match &target {
+        Target::Memory(_) => planned.model_len as u64,
+        _ => 0,
+    };
+    memory::check(
+        memory::BASELINE + plan::working_memory(&index, &analysis.plans) + in_memory,
+        "fusing this model",
+    )?;
     let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
     let mut produce =
         |p: usize, write: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<Vec<Bytes>> {
@@ -352,6 +361,18 @@ fn inspect(model: &Model, options: &InspectOptions) -> Result<InspectReport> {
         let default = [DEFAULT_INPUT_SIZE];
         shapes = shapes::Shapes::infer(&index, Some(&default));
     }
+    if options.int8 {
+        let largest = analysis
+            .plans
+            .iter()
+            .map(|p| p.layout.weight_dims().iter().product::<usize>() as u64 * 8)
+            .max()
+            .unwrap_or(0);
+        memory::check(
+            memory::BASELINE + plan::working_memory(&index, &analysis.plans) + largest,
+            "computing the INT8 statistics of this model",
+        )?;
+    }
     for plan in &mut analysis.plans {
         plan.info.cost = Some(cost::of_block(
             &index,
@@ -360,7 +381,7 @@ fn inspect(model: &Model, options: &InspectOptions) -> Result<InspectReport> {
             &shapes,
         ));
         if options.int8 {
-            let mut weights = Vec::new();
+            let mut weights = Vec::with_capacity(plan.layout.weight_dims().iter().product());
             plan.write_tensors(
                 &index,
                 &mut |bytes| {

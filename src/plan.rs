@@ -247,6 +247,32 @@ impl BlockPlan {
     }
 }
 
+/// Memory folding the plans takes beyond the mapped files: the chunks in flight (folded in f64,
+/// a few arrays each) and, for tensors stored as typed fields rather than raw bytes, their
+/// values decoded whole — for the largest block, since blocks are written one at a time.
+pub fn working_memory(index: &GraphIndex, plans: &[BlockPlan]) -> u64 {
+    let in_flight = 3 * rayon::current_num_threads() as u64 * CHUNK_ELEMENTS as u64 * 8 * 6;
+    let typed = plans
+        .iter()
+        .map(|p| {
+            p.block
+                .nodes()
+                .iter()
+                .flat_map(|&n| &index.node(n).input)
+                .filter_map(|v| index.declared_tensor(v))
+                .filter(|t| t.raw_data.is_none() && !crate::onnx::external::is_external(t))
+                .map(|t| {
+                    t.dims
+                        .iter()
+                        .fold(8u64, |n, &d| n.saturating_mul(d.max(0) as u64))
+                })
+                .fold(0u64, u64::saturating_add)
+        })
+        .max()
+        .unwrap_or(0);
+    in_flight + typed
+}
+
 /// BatchNormalization nodes in training mode among the planned blocks.
 pub fn training_bns(index: &GraphIndex, plans: &[BlockPlan]) -> usize {
     plans

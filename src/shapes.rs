@@ -145,7 +145,8 @@ impl Shapes {
                     axis
                 };
                 let axis = usize::try_from(axis).ok().filter(|&a| a <= x.len())?;
-                Some(vec![x[..axis].iter().product(), x[axis..].iter().product()])
+                let product = |d: &[usize]| d.iter().try_fold(1usize, |p, &v| p.checked_mul(v));
+                Some(vec![product(&x[..axis])?, product(&x[axis..])?])
             }
             "Gemm" => {
                 let (a, b) = (input(0)?, input(1)?);
@@ -176,8 +177,7 @@ impl Shapes {
                 let mut out = first;
                 out[axis] = all
                     .iter()
-                    .map(|s| s.get(axis).copied())
-                    .sum::<Option<usize>>()?;
+                    .try_fold(0usize, |sum, s| sum.checked_add(*s.get(axis)?))?;
                 Some(out)
             }
             _ => None,
@@ -245,12 +245,18 @@ fn window(node: &NodeProto, x: &[usize], kernel: &[usize]) -> Option<Vec<usize>>
     let mut out = x[..2].to_vec();
     for a in 0..rank {
         let (size, stride) = (x[a + 2], strides[a].max(1));
-        let extent = dilations[a] * kernel[a].checked_sub(1)? + 1;
+        // Hostile attributes (huge dilations or pads) leave the shape unknown, never overflow.
+        let extent = dilations[a]
+            .checked_mul(kernel[a].checked_sub(1)?)?
+            .checked_add(1)?;
         let d = match auto_pad.as_str() {
             "SAME_UPPER" | "SAME_LOWER" => size.div_ceil(stride),
             "VALID" => size.checked_sub(extent)? / stride + 1,
             _ => {
-                let span = (size + pads[a] + pads[a + rank]).checked_sub(extent)?;
+                let span = size
+                    .checked_add(pads[a])?
+                    .checked_add(pads[a + rank])?
+                    .checked_sub(extent)?;
                 match ceil {
                     true => span.div_ceil(stride) + 1,
                     false => span / stride + 1,
