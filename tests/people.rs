@@ -1,0 +1,410 @@
+//! What people and pipelines use besides `fuse IN OUT`: costs and INT8 statistics in `inspect`,
+//! DOT pictures, dry runs, pipes, completions, the man page, the library API, the memory check.
+//! Costs are checked against an independent count: tract's own shape inference and PyTorch's own
+//! deploy export.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+use tract_onnx::prelude::*;
+
+fn tiny(name: &str) -> PathBuf {
+    testdata().join("models/tiny").join(name)
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Initializer name → dims, read with tract's protobuf types.
+fn initializer_dims(path: &Path) -> std::collections::HashMap<String, Vec<i64>> {
+    let model = tract_onnx::onnx().proto_model_for_path(path).unwrap();
+    let graph = model.graph.unwrap();
+    graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.dims.clone()))
+        .collect()
+}
+
+#[test]
+fn inspect_counts_parameters_like_the_pytorch_deploy_export() {
+    // Fused weights + biases of every block = the Conv initializers PyTorch's own
+    // re-parameterization exported.
+    let report = json(&bin(&[
+        "inspect".as_ref(),
+        "--json".as_ref(),
+        tiny("ts_nofold_op17.onnx").as_os_str(),
+    ]));
+    let deploy = tract_onnx::onnx()
+        .proto_model_for_path(tiny("deploy_ts_fold_op17.onnx"))
+        .unwrap()
+        .graph
+        .unwrap();
+    let dims = initializer_dims(&tiny("deploy_ts_fold_op17.onnx"));
+    let conv_params: i64 = deploy
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv")
+        .flat_map(|n| n.input[1..].iter())
+        .map(|v| dims[v].iter().product::<i64>())
+        .sum();
+    assert_eq!(report["summary"]["params_after"], conv_params);
+    // Before: every Conv and BatchNormalization initializer of the training export.
+    let train = tract_onnx::onnx()
+        .proto_model_for_path(tiny("ts_nofold_op17.onnx"))
+        .unwrap()
+        .graph
+        .unwrap();
+    let dims = initializer_dims(&tiny("ts_nofold_op17.onnx"));
+    let block_params: i64 = train
+        .node
+        .iter()
+        .filter(|n| matches!(n.op_type.as_str(), "Conv" | "BatchNormalization"))
+        .flat_map(|n| n.input.iter())
+        .filter_map(|v| dims.get(v))
+        .map(|d| d.iter().product::<i64>())
+        .sum();
+    assert_eq!(report["summary"]["params_before"], block_params);
+    for block in report["blocks"].as_array().unwrap() {
+        assert!(block["params_after"].as_u64() < block["params_before"].as_u64());
+    }
+}
+
+#[test]
+fn inspect_counts_flops_on_shapes_tract_infers() {
+    let report = json(&bin(&[
+        "inspect".as_ref(),
+        "--json".as_ref(),
+        tiny("ts_fold_op17.onnx").as_os_str(),
+    ]));
+    assert_eq!(
+        report["summary"]["input_shape"],
+        serde_json::json!([1, 3, 32, 32])
+    );
+    // Independent count: tract's typed model of PyTorch's deploy export, each Conv's output
+    // shape and weight size from tract's facts; a multiply-add is 2 FLOPs, the bias 1.
+    let model = tract_onnx::onnx()
+        .model_for_path(tiny("deploy_ts_fold_op17.onnx"))
+        .unwrap()
+        .with_input_fact(0, f32::fact([1, 3, 32, 32]).into())
+        .unwrap()
+        .into_typed()
+        .unwrap();
+    let mut flops = 0u64;
+    let mut convs = 0;
+    for node in model.nodes() {
+        if node.op.name() != "Conv" {
+            continue;
+        }
+        convs += 1;
+        let out = model.outlet_fact(OutletId::new(node.id, 0)).unwrap();
+        let out = out.shape.as_concrete().unwrap().to_vec();
+        let weight = model.outlet_fact(node.inputs[1]).unwrap();
+        let weight: usize = weight.shape.as_concrete().unwrap().iter().product();
+        let per_output = (weight / out[1]) as u64;
+        let elements = out.iter().product::<usize>() as u64;
+        flops += elements * (2 * per_output + 1);
+    }
+    assert_eq!(convs, 7);
+    assert_eq!(report["summary"]["flops_after"], flops);
+    assert!(report["summary"]["flops_before"].as_u64().unwrap() > flops);
+    // A stated input size scales the count: twice the side, four times the FLOPs.
+    let larger = json(&bin(&[
+        "inspect".as_ref(),
+        "--json".as_ref(),
+        "--input-size".as_ref(),
+        "64".as_ref(),
+        tiny("ts_fold_op17.onnx").as_os_str(),
+    ]));
+    assert_eq!(
+        larger["summary"]["input_shape"],
+        serde_json::json!([1, 3, 64, 64])
+    );
+    assert_eq!(larger["summary"]["flops_after"], 4 * flops);
+}
+
+#[test]
+fn int8_statistics_match_those_of_pytorchs_own_fused_weights() {
+    let report = json(&bin(&[
+        "inspect".as_ref(),
+        "--json".as_ref(),
+        "--int8".as_ref(),
+        tiny("ts_nofold_op17.onnx").as_os_str(),
+    ]));
+    // PyTorch's deploy export holds the same kernels, folded by PyTorch: the statistics of its
+    // weights must match ours.
+    let model = tract_onnx::onnx()
+        .proto_model_for_path(tiny("deploy_ts_fold_op17.onnx"))
+        .unwrap();
+    let graph = model.graph.unwrap();
+    let weights: std::collections::HashMap<&str, Vec<f64>> = graph
+        .initializer
+        .iter()
+        .map(|t| {
+            let values = t
+                .raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect();
+            (t.name.as_str(), values)
+        })
+        .collect();
+    let convs: Vec<&tract_onnx::pb::NodeProto> =
+        graph.node.iter().filter(|n| n.op_type == "Conv").collect();
+    let blocks = report["blocks"].as_array().unwrap();
+    assert_eq!(convs.len(), blocks.len());
+    let mut risky = 0;
+    for (conv, block) in convs.iter().zip(blocks) {
+        let w = &weights[conv.input[1].as_str()];
+        let out_channels = block["out_channels"].as_u64().unwrap() as usize;
+        let theirs = onnx_repvgg::quant::Int8Stats::of(w, out_channels);
+        let ours = &block["int8"];
+        let close = |key: &str, value: f64, tol: f64| {
+            let got = ours[key].as_f64().unwrap();
+            assert!(
+                (got - value).abs() <= tol * value.abs().max(1.0),
+                "{} {key}: ours {got}, PyTorch's {value}",
+                block["name"]
+            );
+        };
+        close("min", theirs.min, 1e-5);
+        close("max", theirs.max, 1e-5);
+        close("channel_spread", theirs.channel_spread, 1e-4);
+        close("sqnr_per_tensor_db", theirs.sqnr_per_tensor_db, 1e-3);
+        close("sqnr_per_channel_db", theirs.sqnr_per_channel_db, 1e-3);
+        assert_eq!(ours["risky"], theirs.is_risky());
+        risky += usize::from(theirs.is_risky());
+    }
+    assert_eq!(report["summary"]["int8_risky"], risky);
+    // The table says the same.
+    let o = bin(&[
+        "inspect".as_ref(),
+        "--int8".as_ref(),
+        tiny("ts_nofold_op17.onnx").as_os_str(),
+    ]);
+    assert!(
+        text(&o.stdout).contains(&format!(
+            "{risky} of 7 fused kernels below 30 dB SQNR with per-tensor INT8"
+        )),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
+#[test]
+fn dot_draws_blocks_before_and_after_with_identity_branches() {
+    let model = tiny("ts_nofold_op17.onnx");
+    let o = bin(&["dot".as_ref(), model.as_os_str()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let dot = text(&o.stdout);
+    assert!(dot.starts_with("digraph {"), "{dot}");
+    assert_eq!(dot.matches("(fused)\"").count(), 7, "{dot}");
+    assert_eq!(dot.matches("label=\"identity\"").count(), 2, "{dot}");
+    // Before: 14 block Convs; after: the fused ones only.
+    assert_eq!(dot.matches("label=\"Conv ").count(), 14 + 7, "{dot}");
+    assert!(dot.contains("training structure") && dot.contains("after onnx-repvgg fuse"));
+
+    let o = bin(&[
+        "dot".as_ref(),
+        model.as_os_str(),
+        "--block".as_ref(),
+        "stage2.1".as_ref(),
+    ]);
+    let block = text(&o.stdout);
+    assert_eq!(block.matches("(fused)\"").count(), 1, "{block}");
+    assert_eq!(block.matches("label=\"identity\"").count(), 1, "{block}");
+    assert_eq!(block.matches("label=\"Add\"").count(), 2, "{block}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.dot");
+    let o = bin(&[
+        "dot".as_ref(),
+        model.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(o.status.success() && o.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), dot);
+
+    let o = bin(&[
+        "dot".as_ref(),
+        model.as_os_str(),
+        "--block".as_ref(),
+        "stage9".as_ref(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no block named 'stage9' (blocks: stage0, stage1.0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dry_run_reports_everything_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("train.onnx");
+    std::fs::copy(tiny("ts_fold_op17.onnx"), &input).unwrap();
+    let o = bin(&["fuse".as_ref(), "--dry-run".as_ref(), input.as_os_str()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("(dry run, nothing written): fused 7 blocks (5 without identity)"),
+        "{out}"
+    );
+    assert!(out.contains("verified (worst"), "{out}");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1);
+    let report = json(&bin(&[
+        "fuse".as_ref(),
+        "-n".as_ref(),
+        "--json".as_ref(),
+        input.as_os_str(),
+    ]));
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["output"], serde_json::Value::Null);
+    assert_eq!(report["summary"]["fused"], 7);
+}
+
+/// Runs the binary with `stdin` piped in.
+fn piped(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_onnx-repvgg"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let bytes = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&bytes);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+#[test]
+fn models_flow_through_pipes() {
+    let training = std::fs::read(tiny("ts_fold_op17.onnx")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("deploy.onnx");
+    assert!(
+        fuse(&tiny("ts_fold_op17.onnx"), &reference, &["-q"])
+            .status
+            .success()
+    );
+    let reference = std::fs::read(&reference).unwrap();
+
+    // stdin → stdout: the model on stdout, byte for byte the file fusion; the report on stderr.
+    let o = piped(&["fuse", "-", "-"], &training);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(o.stdout, reference);
+    assert!(
+        text(&o.stderr).starts_with("fused 7 blocks"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // stdin → file.
+    let out = dir.path().join("from-stdin.onnx");
+    let o = piped(&["fuse", "-", out.to_str().unwrap()], &training);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), reference);
+
+    // Garbage on stdin: one line naming <stdin>, nothing on stdout.
+    let o = piped(&["fuse", "-", "-"], b"not a model at all");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("onnx-repvgg: <stdin>: not a valid ONNX model"),
+        "{err}"
+    );
+
+    // Pipes carry whole models only: external data is refused by name.
+    let o = piped(
+        &["fuse", tiny("dynamo_op18.onnx").to_str().unwrap(), "-"],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("cannot use external data"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let o = bin(&["completions".as_ref(), shell.as_ref()]);
+        assert!(o.status.success(), "{shell}");
+        let script = text(&o.stdout);
+        for word in ["onnx-repvgg", "fuse", "inspect", "dry-run", "int8"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let o = bin(&["man".as_ref()]);
+    assert!(o.status.success());
+    let man = text(&o.stdout);
+    assert!(man.contains(".TH onnx-repvgg 1"), "{man}");
+    assert!(man.contains("fuse") && man.contains("Exit codes"), "{man}");
+}
+
+#[test]
+fn a_run_that_would_not_fit_in_memory_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deploy.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_onnx-repvgg"))
+        .args([
+            "fuse".as_ref(),
+            tiny("ts_fold_op17.onnx").as_os_str(),
+            out.as_os_str(),
+        ])
+        .env(onnx_repvgg::memory::LIMIT_VARIABLE, "4M")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not enough memory: fusing this model would need about")
+            && err.contains("but only 4 MiB are available"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn the_library_fuses_bytes_like_the_binary_fuses_files() {
+    let training = std::fs::read(tiny("ts_nofold_op17.onnx")).unwrap();
+    let (deploy, report) =
+        onnx_repvgg::fuse_model(&training, onnx_repvgg::Options::default()).unwrap();
+    assert_eq!(report.fused.len(), 7);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deploy.onnx");
+    assert!(
+        fuse(&tiny("ts_nofold_op17.onnx"), &path, &["-q"])
+            .status
+            .success()
+    );
+    assert_eq!(deploy, std::fs::read(&path).unwrap());
+    let report = onnx_repvgg::inspect_model(&training, onnx_repvgg::Options::default()).unwrap();
+    assert_eq!(report.blocks.len(), 7);
+    let err = onnx_repvgg::fuse_model(b"\x08", onnx_repvgg::Options::default()).unwrap_err();
+    assert!(err.to_string().starts_with("<memory>: "), "{err}");
+}
