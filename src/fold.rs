@@ -349,6 +349,7 @@ fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), Fold
             not_constant(index, w_name)
         ));
     };
+    tensor::check_known_type(&w)?;
     let Ok(dtype) = tensor::float_type(&w) else {
         return skip(format!(
             "Conv '{name}': weight '{w_name}' has data type {}, not a float type",

@@ -98,6 +98,20 @@ pub fn float_type(t: &TensorProto) -> Result<FloatType> {
     })
 }
 
+/// Refuses a data type that ONNX does not define (a malformed model, not merely an unfoldable
+/// type such as int8).
+pub fn check_known_type(t: &TensorProto) -> Result<()> {
+    let code = t.data_type.unwrap_or(0);
+    let defined = crate::onnx::proto::tensor_proto::DataType::try_from(code).is_ok();
+    if code == 0 || !defined {
+        return Err(Error::tensor(
+            t.name.as_deref().unwrap_or(""),
+            format!("unknown data type {code}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The tensor's little-endian data bytes — external or `raw_data` — or `None` when it keeps its
 /// values in the typed fields (`float_data`, `int32_data`, …).
 fn stored_bytes(t: &TensorProto, external: &ExternalStore, count: usize) -> Result<Option<Bytes>> {
