@@ -4,7 +4,9 @@
 //! Conv attributes (ONNX Conv v1/v11/v22) and the BatchNormalization epsilon is read, never
 //! assumed. Anything that makes a fold inexact is a named reason to skip the block.
 
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use ndarray::Array1;
 
@@ -136,7 +138,11 @@ pub fn layout(
     options: FoldOptions,
 ) -> Result<(Layout, FloatType), FoldError> {
     let (ctx, dtype) = context(index, block)?;
-    Ok((eval::<Layout>(index, &block.term, &ctx, options)?, dtype))
+    let cache = ChannelCache::default();
+    Ok((
+        eval::<Layout>(index, &block.term, &ctx, options, &cache)?,
+        dtype,
+    ))
 }
 
 /// Folds only the output channels `rows` (every fold is separable by output channel): a weight
@@ -146,13 +152,14 @@ pub fn fold_rows(
     block: &Block,
     options: FoldOptions,
     rows: Range<usize>,
+    cache: &ChannelCache,
 ) -> Result<AffineConv, FoldError> {
     let (mut ctx, _) = context(index, block)?;
     if rows.end > ctx.out_channels {
         return skip(format!("rows {rows:?} of {} channels", ctx.out_channels));
     }
     ctx.rows = rows;
-    eval::<AffineConv>(index, &block.term, &ctx, options)
+    eval::<AffineConv>(index, &block.term, &ctx, options, cache)
 }
 
 fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), FoldError> {
@@ -170,11 +177,62 @@ fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), Fo
     Ok((ctx, dtype))
 }
 
+/// Per-channel scales and shifts of a block's channel nodes, read once per block however many
+/// chunks of output channels are folded.
+#[derive(Debug, Default)]
+pub struct ChannelCache(std::sync::Mutex<HashMap<usize, Arc<(Vec<f64>, Vec<f64>)>>>);
+
+impl ChannelCache {
+    fn get_or_insert(
+        &self,
+        node: usize,
+        compute: impl FnOnce() -> Result<(Vec<f64>, Vec<f64>), FoldError>,
+    ) -> Result<Arc<(Vec<f64>, Vec<f64>)>, FoldError> {
+        if let Some(hit) = self.0.lock().ok().and_then(|m| m.get(&node).cloned()) {
+            return Ok(hit);
+        }
+        let params = Arc::new(compute()?);
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(node, params.clone());
+        }
+        Ok(params)
+    }
+}
+
+/// The full per-channel scale and shift of channel node `node`.
+fn channel_params(
+    index: &GraphIndex,
+    node: usize,
+    op: &ChannelOp,
+    o: usize,
+    rank: usize,
+    options: FoldOptions,
+) -> Result<(Vec<f64>, Vec<f64>), FoldError> {
+    Ok(match op {
+        ChannelOp::BatchNorm => bn_scale_shift(index, node, options)?,
+        ChannelOp::Mul(c) => (per_channel(index, node, c, o, rank)?, vec![0.0; o]),
+        ChannelOp::Div(c) => {
+            let d = per_channel(index, node, c, o, rank)?;
+            if d.contains(&0.0) {
+                return skip(format!("'{}' divides by zero", index.node(node).name()));
+            }
+            (d.iter().map(|v| 1.0 / v).collect(), vec![0.0; o])
+        }
+        ChannelOp::Add(c) => (vec![1.0; o], per_channel(index, node, c, o, rank)?),
+        ChannelOp::Sub(c) => {
+            let v = per_channel(index, node, c, o, rank)?;
+            (vec![1.0; o], v.iter().map(|x| -x).collect())
+        }
+        ChannelOp::SubFrom(c) => (vec![-1.0; o], per_channel(index, node, c, o, rank)?),
+    })
+}
+
 fn eval<A: Algebra>(
     index: &GraphIndex,
     term: &Term,
     ctx: &Context,
     options: FoldOptions,
+    cache: &ChannelCache,
 ) -> Result<A, FoldError> {
     match term {
         Term::Conv(n) => A::conv(index, *n, &ctx.rows),
@@ -189,26 +247,12 @@ fn eval<A: Algebra>(
             ))
         }
         Term::Channel { node, op, inner } => {
-            let inner: A = eval(index, inner, ctx, options)?;
+            let inner: A = eval(index, inner, ctx, options, cache)?;
             let layout = inner.layout();
             let (o, rank) = (ctx.out_channels, layout.geometry.rank());
-            let (scale, shift) = match op {
-                ChannelOp::BatchNorm => bn_scale_shift(index, *node, options)?,
-                ChannelOp::Mul(c) => (per_channel(index, *node, c, o, rank)?, vec![0.0; o]),
-                ChannelOp::Div(c) => {
-                    let d = per_channel(index, *node, c, o, rank)?;
-                    if d.contains(&0.0) {
-                        return skip(format!("'{}' divides by zero", index.node(*node).name()));
-                    }
-                    (d.iter().map(|v| 1.0 / v).collect(), vec![0.0; o])
-                }
-                ChannelOp::Add(c) => (vec![1.0; o], per_channel(index, *node, c, o, rank)?),
-                ChannelOp::Sub(c) => {
-                    let v = per_channel(index, *node, c, o, rank)?;
-                    (vec![1.0; o], v.iter().map(|x| -x).collect())
-                }
-                ChannelOp::SubFrom(c) => (vec![-1.0; o], per_channel(index, *node, c, o, rank)?),
-            };
+            let params = cache
+                .get_or_insert(*node, || channel_params(index, *node, op, o, rank, options))?;
+            let (scale, shift) = (&params.0, &params.1);
             let name = index.node(*node).name();
             let rows = ctx.rows.start.min(scale.len())..ctx.rows.end.min(scale.len());
             let rows_shift = ctx.rows.start.min(shift.len())..ctx.rows.end.min(shift.len());
@@ -219,7 +263,7 @@ fn eval<A: Algebra>(
         Term::Sum { terms, .. } => {
             let mut parts = Vec::with_capacity(terms.len());
             for (negate, t) in terms {
-                let part: A = eval(index, t, ctx, options)?;
+                let part: A = eval(index, t, ctx, options, cache)?;
                 parts.push(if *negate { part.negate() } else { part });
             }
             A::sum(parts).map_err(|e| FoldError::Skip(e.to_string()))

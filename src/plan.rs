@@ -134,6 +134,7 @@ impl BlockPlan {
         // A producer thread folds and encodes a window of chunks in parallel while this thread
         // writes the window before it, in order: folding overlaps the writing.
         let window = 2 * rayon::current_num_threads();
+        let cache = fold::ChannelCache::default();
         let (send, receive) = std::sync::mpsc::sync_channel::<Result<Vec<Chunk>>>(1);
         std::thread::scope(|scope| -> Result<()> {
             scope.spawn(move || {
@@ -152,7 +153,7 @@ impl BlockPlan {
                         .map(|&start| {
                             let rows =
                                 start..(start + rows_per_chunk).min(self.layout.out_channels);
-                            self.encode_chunk(index, rows, &dims, half)
+                            self.encode_chunk(index, rows, &dims, half, &cache)
                         })
                         .collect();
                     // The receiver hangs up after an error: nothing more to fold.
@@ -211,8 +212,9 @@ impl BlockPlan {
         rows: Range<usize>,
         dims: &[usize],
         half: bool,
+        cache: &fold::ChannelCache,
     ) -> Result<Chunk> {
-        let conv = self.fold_chunk(index, rows.clone())?;
+        let conv = self.fold_chunk(index, rows.clone(), cache)?;
         if conv.weight.shape()[1..] != dims[1..] {
             return Err(crate::Error::Graph(format!(
                 "block '{}' folded to another shape than planned",
@@ -235,8 +237,13 @@ impl BlockPlan {
         })
     }
 
-    fn fold_chunk(&self, index: &GraphIndex, rows: Range<usize>) -> Result<AffineConv> {
-        match fold::fold_rows(index, &self.block, self.options, rows) {
+    fn fold_chunk(
+        &self,
+        index: &GraphIndex,
+        rows: Range<usize>,
+        cache: &fold::ChannelCache,
+    ) -> Result<AffineConv> {
+        match fold::fold_rows(index, &self.block, self.options, rows, cache) {
             Ok(c) => Ok(c),
             Err(FoldError::Invalid(e)) => Err(e),
             Err(FoldError::Skip(reason)) => Err(crate::Error::Graph(format!(

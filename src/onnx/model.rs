@@ -200,6 +200,23 @@ impl Model {
             };
             model.graph_fields.push((f, item));
         }
+        // Element counts (the product of each initializer's dims, negative dims counting 0) and
+        // their total are counted in u64 downstream: dims whose counts cannot exist are refused
+        // here, used or not.
+        let mut total: u64 = 0;
+        for t in &model.initializers {
+            let count = t
+                .dims
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d.max(0) as u64));
+            total = count.and_then(|c| total.checked_add(c)).ok_or_else(|| {
+                malformed(format!(
+                    "initializer '{}': dims {:?} overflow",
+                    t.name(),
+                    t.dims
+                ))
+            })?;
+        }
         model.external = ExternalStore::open(data_dir, &model.initializers)?;
         Ok(model)
     }
