@@ -180,14 +180,17 @@ fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), Fo
 /// Per-channel scales and shifts of a block's channel nodes, read once per block however many
 /// chunks of output channels are folded.
 #[derive(Debug, Default)]
-pub struct ChannelCache(std::sync::Mutex<HashMap<usize, Arc<(Vec<f64>, Vec<f64>)>>>);
+pub struct ChannelCache(std::sync::Mutex<HashMap<usize, Arc<ScaleShift>>>);
+
+/// A per-channel scale and shift.
+type ScaleShift = (Vec<f64>, Vec<f64>);
 
 impl ChannelCache {
     fn get_or_insert(
         &self,
         node: usize,
-        compute: impl FnOnce() -> Result<(Vec<f64>, Vec<f64>), FoldError>,
-    ) -> Result<Arc<(Vec<f64>, Vec<f64>)>, FoldError> {
+        compute: impl FnOnce() -> Result<ScaleShift, FoldError>,
+    ) -> Result<Arc<ScaleShift>, FoldError> {
         if let Some(hit) = self.0.lock().ok().and_then(|m| m.get(&node).cloned()) {
             return Ok(hit);
         }
@@ -207,7 +210,7 @@ fn channel_params(
     o: usize,
     rank: usize,
     options: FoldOptions,
-) -> Result<(Vec<f64>, Vec<f64>), FoldError> {
+) -> Result<ScaleShift, FoldError> {
     Ok(match op {
         ChannelOp::BatchNorm => bn_scale_shift(index, node, options)?,
         ChannelOp::Mul(c) => (per_channel(index, node, c, o, rank)?, vec![0.0; o]),
