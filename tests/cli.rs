@@ -124,7 +124,11 @@ fn inspect_prints_the_block_table_and_summary() {
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("block"), "{out}");
-    assert_eq!(lines.len(), 1 + 7 + 1, "{out}");
+    assert!(
+        lines[0].contains("params") && lines[0].contains("FLOPs"),
+        "{out}"
+    );
+    assert_eq!(lines.len(), 1 + 7 + 2, "{out}");
     assert!(
         lines[1].starts_with("stage0 ") && lines[1].contains("none"),
         "{out}"
@@ -134,6 +138,10 @@ fn inspect_prints_the_block_table_and_summary() {
         "{out}"
     );
     assert_eq!(lines[8], "7 blocks, 5 without identity, 7 fusable");
+    assert_eq!(
+        lines[9],
+        "blocks' parameters 22.4K → 19.9K, FLOPs 430.8K → 381.2K at input 1x3x32x32"
+    );
 }
 
 #[test]
@@ -144,8 +152,7 @@ fn inspect_says_why_training_exports_cannot_be_fused() {
     let out = stdout(&o);
     assert!(out.contains("no: BatchNormalization"), "{out}");
     assert!(
-        out.trim_end()
-            .ends_with("8 blocks, 5 without identity, 0 fusable"),
+        out.contains("\n8 blocks, 5 without identity, 0 fusable\n"),
         "{out}"
     );
 }
