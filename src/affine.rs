@@ -63,6 +63,9 @@ pub enum AlgebraError {
     OutputSize { axis: usize },
     /// A per-channel scale or shift has the wrong length.
     ChannelParams { expected: usize, got: usize },
+    /// The summed kernel's extent or pads on an axis do not fit in a machine word (hostile
+    /// dilations or pads).
+    TooLarge { axis: usize },
     /// Nothing to sum.
     Empty,
 }
@@ -100,6 +103,11 @@ impl fmt::Display for AlgebraError {
                 "per-channel parameters have {got} values for {expected} channels"
             ),
             AlgebraError::Empty => write!(f, "no branch to sum"),
+            AlgebraError::TooLarge { axis } => write!(
+                f,
+                "the summed kernel on spatial axis {axis} would be too large (dilations or pads \
+                 out of proportion)"
+            ),
         }
     }
 }
@@ -138,16 +146,19 @@ impl Layout {
 
     /// The layout after spreading taps to dilations `to` (see [`AffineConv::spread`]); 1-tap
     /// axes just take `to`.
-    fn spread(&self, to: &[usize]) -> Layout {
+    fn spread(&self, to: &[usize]) -> Result<Layout, AlgebraError> {
         let mut out = self.clone();
         for (axis, &t) in to.iter().enumerate() {
             let k = self.kernel[axis];
             if k > 1 {
-                out.kernel[axis] = self.geometry.dilations[axis] / t * (k - 1) + 1;
+                out.kernel[axis] = (self.geometry.dilations[axis] / t.max(1))
+                    .checked_mul(k - 1)
+                    .and_then(|v| v.checked_add(1))
+                    .ok_or(AlgebraError::TooLarge { axis })?;
             }
             out.geometry.dilations[axis] = t;
         }
-        out
+        Ok(out)
     }
 
     /// Per axis, the dilation every branch can be spread to: the greatest common divisor of the
@@ -199,13 +210,18 @@ impl Layout {
                 .map(|t| t.geometry.pads_begin[axis])
                 .max()
                 .unwrap_or(0);
+            // In i128 with checks: pads and dilations come from the model and may be huge.
+            let too_large = AlgebraError::TooLarge { axis };
+            let span = |k: usize| (d as i128).checked_mul(k as i128 - 1);
             let extra = |t: &Layout| {
                 let g = &t.geometry;
-                (g.pads_begin[axis] + g.pads_end[axis]) as i64 - (d * (t.kernel[axis] - 1)) as i64
+                span(t.kernel[axis])
+                    .map(|s| g.pads_begin[axis] as i128 + g.pads_end[axis] as i128 - s)
+                    .ok_or(too_large.clone())
             };
-            let e = extra(first);
+            let e = extra(first)?;
             for (i, t) in terms.iter().enumerate() {
-                if extra(t) != e {
+                if extra(t)? != e {
                     return Err(AlgebraError::OutputSize { axis });
                 }
                 let shift = begin - t.geometry.pads_begin[axis];
@@ -213,11 +229,16 @@ impl Layout {
                     return Err(AlgebraError::Misaligned { axis });
                 }
                 offsets[i][axis] = shift / d;
-                kernel[axis] = kernel[axis].max(offsets[i][axis] + t.kernel[axis]);
+                let reach = offsets[i][axis]
+                    .checked_add(t.kernel[axis])
+                    .ok_or(too_large.clone())?;
+                kernel[axis] = kernel[axis].max(reach);
             }
             target.dilations[axis] = d;
             target.pads_begin[axis] = begin;
-            let end = e + (d * (kernel[axis] - 1)) as i64 - begin as i64;
+            let end = span(kernel[axis])
+                .and_then(|s| (e + s).checked_sub(begin as i128))
+                .ok_or(too_large)?;
             target.pads_end[axis] =
                 usize::try_from(end).map_err(|_| AlgebraError::OutputSize { axis })?;
         }
@@ -230,10 +251,27 @@ impl Layout {
         Ok((layout, offsets))
     }
 
+    /// Branches over different numbers of spatial axes cannot be summed (checked before
+    /// anything indexes an axis of one by another's rank).
+    fn check_ranks(terms: &[Layout]) -> Result<(), AlgebraError> {
+        let first = terms.first().ok_or(AlgebraError::Empty)?;
+        for t in terms {
+            let (left, right) = (first.kernel.len(), t.kernel.len());
+            if left != right || t.geometry.rank() != right || t.geometry.dilations.len() != right {
+                return Err(AlgebraError::Rank { left, right });
+            }
+        }
+        Ok(())
+    }
+
     /// The layout of the sum of `terms`.
     pub fn sum(terms: &[Layout]) -> Result<Layout, AlgebraError> {
+        Layout::check_ranks(terms)?;
         let common = Layout::common_dilations(terms);
-        let spread: Vec<Layout> = terms.iter().map(|t| t.spread(&common)).collect();
+        let spread: Vec<Layout> = terms
+            .iter()
+            .map(|t| t.spread(&common))
+            .collect::<Result<_, _>>()?;
         Layout::sum_plan(&spread).map(|(layout, _)| layout)
     }
 
@@ -384,13 +422,13 @@ impl AffineConv {
     /// The same convolution with its taps spread to dilation `to` (which divides each current
     /// dilation of an axis wider than one tap): a kernel of extent k at dilation d becomes extent
     /// (d/to)(k−1)+1 at dilation `to`, zeros between the taps.
-    pub fn spread(self, to: &[usize]) -> AffineConv {
-        let layout = self.layout().spread(to);
+    pub fn spread(self, to: &[usize]) -> Result<AffineConv, AlgebraError> {
+        let layout = self.layout().spread(to)?;
         if layout.kernel == self.kernel() {
-            return AffineConv {
+            return Ok(AffineConv {
                 geometry: layout.geometry,
                 ..self
-            };
+            });
         }
         let factors: Vec<usize> = (0..to.len())
             .map(|a| {
@@ -412,18 +450,22 @@ impl AffineConv {
                 }
             })
             .assign(&self.weight);
-        AffineConv {
+        Ok(AffineConv {
             weight,
             bias: self.bias,
             geometry: layout.geometry,
-        }
+        })
     }
 
     /// Sums branches that read the same input into one convolution.
     pub fn sum(terms: Vec<AffineConv>) -> Result<AffineConv, AlgebraError> {
         let layouts: Vec<Layout> = terms.iter().map(AffineConv::layout).collect();
+        Layout::check_ranks(&layouts)?;
         let common = Layout::common_dilations(&layouts);
-        let mut spread: Vec<AffineConv> = terms.into_iter().map(|t| t.spread(&common)).collect();
+        let mut spread: Vec<AffineConv> = terms
+            .into_iter()
+            .map(|t| t.spread(&common))
+            .collect::<Result<_, _>>()?;
         let layouts: Vec<Layout> = spread.iter().map(AffineConv::layout).collect();
         let (target, offsets) = Layout::sum_plan(&layouts)?;
         // A term that already has the target's shape is the accumulator: no zeroed copy of the

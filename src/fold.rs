@@ -139,10 +139,40 @@ pub fn layout(
 ) -> Result<(Layout, FloatType), FoldError> {
     let (ctx, dtype) = context(index, block)?;
     let cache = ChannelCache::default();
-    Ok((
-        eval::<Layout>(index, &block.term, &ctx, options, &cache)?,
-        dtype,
-    ))
+    let layout = eval::<Layout>(index, &block.term, &ctx, options, &cache)?;
+    check_size(index, block, &layout)?;
+    Ok((layout, dtype))
+}
+
+/// How many times more weights than its Conv branches hold together a fused kernel may hold
+/// (beyond [`SMALL_KERNEL`]).
+const GROWTH: usize = 64;
+/// Fused kernels up to this many weights are always small enough.
+const SMALL_KERNEL: usize = 1 << 20;
+
+/// Spreading taps to a common dilation and shifting kernels by their pads can make the fused
+/// kernel far larger than its branches (a 3×3 at dilation 1000 next to a 3×3 becomes 2001×2001);
+/// past [`GROWTH`] times, that is no re-parameterization worth writing, and hostile attributes
+/// must not exhaust memory.
+fn check_size(index: &GraphIndex, block: &Block, layout: &Layout) -> Result<(), FoldError> {
+    let elements = |dims: &[usize]| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    let mut branches = 0usize;
+    for n in block.convs() {
+        let dims = conv_layout(index, n)?.0.weight_dims();
+        branches = branches.saturating_add(elements(&dims).unwrap_or(usize::MAX));
+    }
+    let limit = SMALL_KERNEL.max(GROWTH.saturating_mul(branches));
+    match elements(&layout.weight_dims()) {
+        Some(n) if n <= limit => Ok(()),
+        fused => skip(format!(
+            "the fused kernel {:?} would hold {}, over {GROWTH} times the {branches} weights of \
+             its branches (dilations or pads out of proportion)",
+            layout.kernel,
+            fused.map_or("more weights than can be counted".into(), |n| format!(
+                "{n} weights"
+            )),
+        )),
+    }
 }
 
 /// Folds only the output channels `rows` (every fold is separable by output channel): a weight
@@ -412,6 +442,11 @@ fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), Fold
         ));
     }
     let out_channels = dims[0];
+    if dims[1..].contains(&0) {
+        return skip(format!(
+            "Conv '{name}': weight '{w_name}' has dims {dims:?}: an empty kernel"
+        ));
+    }
     if let Some(b_name) = node.input.get(2).filter(|b| !b.is_empty()) {
         let Some(b) = index.constant(b_name) else {
             return skip(format!(
@@ -534,9 +569,16 @@ fn geometry(
         },
         "VALID" => (vec![0; rank], vec![0; rank]),
         "SAME_UPPER" | "SAME_LOWER" => {
-            let extent = |a: usize| dilations[a] * (kernel[a] - 1) + 1;
+            let extent = |a: usize| {
+                dilations[a]
+                    .checked_mul(kernel[a].saturating_sub(1))
+                    .and_then(|v| v.checked_add(1))
+                    .ok_or_else(|| format!("dilations {dilations:?} are too large"))
+            };
             let total: Vec<usize> = if strides.iter().all(|&s| s == 1) {
-                (0..rank).map(|a| extent(a) - 1).collect()
+                (0..rank)
+                    .map(|a| extent(a).map(|e| e - 1))
+                    .collect::<Result<_, _>>()?
             } else {
                 let Some(sizes) = spatial.filter(|s| s.len() == rank) else {
                     return Err(format!(
@@ -547,9 +589,11 @@ fn geometry(
                 (0..rank)
                     .map(|a| {
                         let out = sizes[a].div_ceil(strides[a]);
-                        ((out.max(1) - 1) * strides[a] + extent(a)).saturating_sub(sizes[a])
+                        let need = ((out.max(1) - 1) * strides[a]).checked_add(extent(a)?);
+                        need.map(|n| n.saturating_sub(sizes[a]))
+                            .ok_or_else(|| format!("dilations {dilations:?} are too large"))
                     })
-                    .collect()
+                    .collect::<Result<_, _>>()?
             };
             let small: Vec<usize> = total.iter().map(|t| t / 2).collect();
             let large: Vec<usize> = total.iter().zip(&small).map(|(t, s)| t - s).collect();

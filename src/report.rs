@@ -72,7 +72,7 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
             let groups = attr::int(node, "group").unwrap_or(1).max(1) as usize;
             info.groups = groups;
             info.out_channels = dims[0];
-            info.in_channels = dims[1] * groups;
+            info.in_channels = dims[1].saturating_mul(groups);
             info.stride = attr::ints(node, "strides")
                 .map(|s| s.iter().map(|&v| v.max(0) as usize).collect())
                 .unwrap_or_else(|| vec![1; dims.len() - 2]);

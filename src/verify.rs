@@ -22,6 +22,17 @@ use crate::tensor::{self, FloatType};
 /// Output channels compared per block (all of them when there are no more).
 pub const CHANNELS: usize = 64;
 
+/// Most input elements, and most (output position, kernel tap) pairs of one operator, a check
+/// evaluates: beyond, the block's geometry is out of all proportion (hostile dilations or pads)
+/// and the check refuses rather than exhaust memory. (A 31×31 kernel needs 2^20.)
+pub const CHECK_ELEMENTS: usize = 1 << 22;
+
+/// Most work one convolution of a check may take, in (output position, tap, input channel)
+/// triples times sampled output channels (input channels counted as at least 8: below that the
+/// table dominates). Wide blocks sample fewer than [`CHANNELS`] output channels to stay under
+/// it; one channel over it is a block out of all proportion, and the check refuses.
+pub const CHECK_WORK: usize = 1 << 26;
+
 /// Default relative tolerance for weights of element type `ty` (of the largest reference value).
 pub fn default_tolerance(ty: FloatType) -> f64 {
     match ty {
@@ -47,7 +58,9 @@ pub struct FusedConv<'a> {
     pub node: &'a NodeProto,
     /// The weight's dims.
     pub dims: &'a [usize],
-    /// Rows of the weight for the output channels `sample(dims[0], seed)`, in that order.
+    /// The output channels compared (see [`sample`]).
+    pub sample: &'a [usize],
+    /// Rows of the weight for the output channels `sample`, in that order.
     pub rows: &'a ArrayD<f64>,
     pub bias: &'a ArrayD<f64>,
 }
@@ -80,10 +93,18 @@ pub fn check_block(
     // As wide as the dilated kernel: with padding, every output position sees a different mix
     // of border and data (corners, edges, centre).
     let spatial: Vec<usize> = (0..kernel.len())
-        .map(|a| dilations[a] * (kernel[a] - 1) + 1)
-        .collect();
-    let mut shape = vec![1, per_group * group];
+        .map(|a| {
+            let d = dilations.get(a).copied().unwrap_or(1);
+            d.checked_mul(kernel[a].saturating_sub(1))?.checked_add(1)
+        })
+        .collect::<Option<_>>()
+        .ok_or("the dilated kernel is too large to check")?;
+    let mut shape = vec![1, per_group.saturating_mul(group)];
     shape.extend(&spatial);
+    let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if elements.is_none_or(|n| n > CHECK_ELEMENTS) {
+        return Err(format!("the check's input {shape:?} would be too large"));
+    }
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let x = ArrayD::from_shape_fn(IxDyn(&shape), |_| {
         rng ^= rng << 13;
@@ -91,7 +112,7 @@ pub fn check_block(
         rng ^= rng << 17;
         (rng >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
     });
-    let sample = sample_channels(out_channels, seed);
+    let sample = fused.sample.to_vec();
     let (w, b) = (fused.rows, fused.bias);
     if w.shape()[0] != sample.len() {
         return Err("the fused rows do not match the sample".into());
@@ -133,9 +154,26 @@ fn ints_or(node: &NodeProto, name: &str, default: usize, rank: usize) -> Vec<usi
         .unwrap_or_else(|| vec![default; rank])
 }
 
-/// The output channels the check of `plan` compares (a seeded sample; all when few).
+/// The output channels the check of `plan` compares (a seeded sample; all when few, fewer than
+/// [`CHANNELS`] when each costs much, see [`CHECK_WORK`]).
 pub fn sample(plan: &crate::plan::BlockPlan) -> Vec<usize> {
-    sample_channels(plan.layout.out_channels, seed(plan))
+    let per_channel = work_per_channel(&plan.layout).unwrap_or(usize::MAX);
+    let count = (CHECK_WORK / per_channel.max(1)).clamp(1, CHANNELS);
+    sample_channels(plan.layout.out_channels, seed(plan), count)
+}
+
+/// The work of one output channel of the fused Conv on the check's input (as wide as the
+/// dilated kernel), as [`CHECK_WORK`] counts it; `None` when it does not fit a word.
+fn work_per_channel(layout: &crate::affine::Layout) -> Option<usize> {
+    let g = &layout.geometry;
+    let mut work = layout.in_per_group.max(8);
+    for (a, &k) in layout.kernel.iter().enumerate() {
+        let stride = g.strides.get(a).copied().unwrap_or(1).max(1);
+        let pads = g.pads_begin.get(a)?.checked_add(*g.pads_end.get(a)?)?;
+        let positions = pads / stride + 1;
+        work = work.checked_mul(positions)?.checked_mul(k)?;
+    }
+    Some(work)
 }
 
 fn seed(plan: &crate::plan::BlockPlan) -> u64 {
@@ -147,13 +185,13 @@ fn seed(plan: &crate::plan::BlockPlan) -> u64 {
         })
 }
 
-/// Up to [`CHANNELS`] output channels, spread over all of them, the same for the same seed.
-fn sample_channels(n: usize, seed: u64) -> Vec<usize> {
-    if n <= CHANNELS {
+/// Up to `count` output channels, spread over all of them, the same for the same seed.
+fn sample_channels(n: usize, seed: u64, count: usize) -> Vec<usize> {
+    if n <= count {
         return (0..n).collect();
     }
-    let mut picked: Vec<usize> = (0..CHANNELS)
-        .map(|i| (i * n / CHANNELS + (seed as usize % (n / CHANNELS).max(1))) % n)
+    let mut picked: Vec<usize> = (0..count)
+        .map(|i| (i * n / count + (seed as usize % (n / count).max(1))) % n)
         .collect();
     picked.sort_unstable();
     picked.dedup();
@@ -405,8 +443,12 @@ fn pads(
         same @ ("SAME_UPPER" | "SAME_LOWER") => {
             let (mut begin, mut end) = (vec![0; rank], vec![0; rank]);
             for a in 0..rank {
-                let out = spatial[a].div_ceil(strides[a]);
-                let need = (out - 1) * strides[a] + dilations[a] * (kernel[a] - 1) + 1;
+                let stride = strides[a].max(1);
+                let out = spatial[a].div_ceil(stride);
+                let need = dilations[a]
+                    .checked_mul(kernel[a].saturating_sub(1))
+                    .and_then(|e| e.checked_add(out.saturating_sub(1) * stride + 1))
+                    .ok_or("the dilated kernel is too large to check")?;
                 let total = need.saturating_sub(spatial[a]);
                 let (small, large) = (total / 2, total - total / 2);
                 (begin[a], end[a]) = if same == "SAME_UPPER" {
@@ -435,16 +477,26 @@ fn taps(
 ) -> Result<(TapTable, Vec<usize>), String> {
     let rank = spatial.len();
     let mut out_shape = Vec::with_capacity(rank);
+    let too_large = || "the geometry is too large to check".to_string();
     for a in 0..rank {
-        let padded = spatial[a] + begin[a] + end[a];
-        let extent = dilations[a] * (kernel[a] - 1) + 1;
+        let padded = spatial[a]
+            .checked_add(begin[a])
+            .and_then(|p| p.checked_add(end[a]))
+            .ok_or_else(too_large)?;
+        let extent = dilations[a]
+            .checked_mul(kernel[a].saturating_sub(1))
+            .and_then(|e| e.checked_add(1))
+            .ok_or_else(too_large)?;
         if padded < extent || strides[a] == 0 {
             return Err("the kernel is larger than the padded input".into());
         }
         out_shape.push((padded - extent) / strides[a] + 1);
     }
-    let positions: usize = out_shape.iter().product();
-    let tap_count: usize = kernel.iter().product();
+    let count = |dims: &[usize]| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    let (positions, tap_count) = match (count(&out_shape), count(kernel)) {
+        (Some(p), Some(t)) if p.checked_mul(t).is_some_and(|n| n <= CHECK_ELEMENTS) => (p, t),
+        _ => return Err(too_large()),
+    };
     let mut table = Vec::with_capacity(positions);
     for pos in 0..positions {
         let out_idx = unravel(pos, &out_shape);
@@ -454,9 +506,11 @@ fn taps(
             let mut flat = 0usize;
             let mut inside = true;
             for a in 0..rank {
-                let i =
-                    (out_idx[a] * strides[a] + k_idx[a] * dilations[a]) as i64 - begin[a] as i64;
-                if i < 0 || i >= spatial[a] as i64 {
+                // In i128: the pads may be huge; positions and taps are bounded above.
+                let i = out_idx[a] as i128 * strides[a] as i128
+                    + k_idx[a] as i128 * dilations[a] as i128
+                    - begin[a] as i128;
+                if i < 0 || i >= spatial[a] as i128 {
                     inside = false;
                     break;
                 }
@@ -645,9 +699,11 @@ pub fn check(
         reason,
     };
     let dims = plan.layout.weight_dims();
+    let sample = sample(plan);
     let fused = FusedConv {
         node,
         dims: &dims,
+        sample: &sample,
         rows,
         bias,
     };

@@ -1,14 +1,18 @@
 //! Property tests: random block geometries — kernel sizes, pads, strides, dilations, groups
 //! (depthwise included), which branches are present, BN statistics — built as ONNX, fused by the
-//! real binary and compared with the unfused model in tract; and random look-alikes that are no
-//! block (branches reading different inputs, a shared internal value) must come out unchanged.
+//! real binary and compared with the unfused model in tract, in float32 and in float16 (weights,
+//! statistics, input and output; compared with tract running both the float16 models and the
+//! same values in float32); and random look-alikes that are no block (branches reading
+//! different inputs, a shared internal value) must come out unchanged.
 
 mod common;
 
 use common::builder::{Builder, value_info};
 use common::*;
 use onnx_repvgg::onnx::attr::{new_int, new_ints};
+use onnx_repvgg::onnx::proto::{ModelProto, type_proto};
 use proptest::prelude::*;
+use prost::Message;
 use tract_onnx::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -92,15 +96,72 @@ fn build(g: &Geometry) -> Builder {
     b
 }
 
-fn input(g: &Geometry, seed: u64) -> Tensor {
+fn input_values(g: &Geometry, seed: u64) -> Vec<f32> {
     let n = g.channels * g.size * g.size;
-    let data: Vec<f32> = (0..n)
+    (0..n)
         .map(|i| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0)
-        .collect();
+        .collect()
+}
+
+fn input(g: &Geometry, seed: u64) -> Tensor {
+    let data = input_values(g, seed);
     Tensor::from(
         tract_ndarray::ArrayD::from_shape_vec(vec![1, g.channels, g.size, g.size], data).unwrap(),
     )
 }
+
+/// The input rounded to float16, as a float16 tensor and as the same values in float32.
+fn input_f16(g: &Geometry, seed: u64) -> (Tensor, Tensor) {
+    let half: Vec<f16> = input_values(g, seed)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let single: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
+    let shape = vec![1, g.channels, g.size, g.size];
+    (
+        Tensor::from(tract_ndarray::ArrayD::from_shape_vec(shape.clone(), half).unwrap()),
+        Tensor::from(tract_ndarray::ArrayD::from_shape_vec(shape, single).unwrap()),
+    )
+}
+
+/// Rounds every float32 initializer to float16 values (still float32: they are exact there).
+fn round_to_f16(b: &mut Builder) {
+    for t in &mut b.graph.initializer {
+        for v in &mut t.float_data {
+            *v = f16::from_f32(*v).to_f32();
+        }
+    }
+}
+
+/// Makes the model float16: every float32 initializer becomes FLOAT16 (as little-endian
+/// `raw_data`, or as bit patterns in `int32_data`), and the graph's input and output float16.
+fn to_f16(b: &mut Builder, raw: bool) {
+    for t in &mut b.graph.initializer {
+        if t.data_type != Some(1) {
+            continue;
+        }
+        let values: Vec<f16> = t.float_data.drain(..).map(f16::from_f32).collect();
+        t.data_type = Some(10);
+        if raw {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            t.raw_data = Some(bytes.into());
+        } else {
+            t.int32_data = values.iter().map(|v| v.to_bits() as i32).collect();
+        }
+    }
+    for v in b.graph.input.iter_mut().chain(&mut b.graph.output) {
+        if let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.elem_type = Some(10);
+        }
+    }
+}
+
+/// Relative tolerance (of the output's magnitude) of the float16 property: float16 keeps 11
+/// significant bits (~5e-4), and both the fused weights and every intermediate of the original
+/// are rounded to it.
+const TOLERANCE_FP16_PROPERTY: f64 = 1e-2;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -120,6 +181,50 @@ proptest! {
         let got = run_tract(&dst, &x);
         let rel = relative_error(&want[0], &got[0]);
         prop_assert!(rel < 1e-5, "{:?}: relative error {}", g, rel);
+    }
+
+    #[test]
+    fn random_float16_blocks_fold_to_one_conv_with_close_outputs(
+        g in geometry(),
+        seed in 0u64..1000,
+        raw in any::<bool>(),
+    ) {
+        let mut half = build(&g);
+        to_f16(&mut half, raw);
+        let mut single = build(&g);
+        round_to_f16(&mut single);
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst, reference) = (
+            dir.path().join("in.onnx"),
+            dir.path().join("out.onnx"),
+            dir.path().join("ref.onnx"),
+        );
+        std::fs::write(&src, half.build()).unwrap();
+        std::fs::write(&reference, single.build()).unwrap();
+        let run = fuse(&src, &dst, &[]);
+        prop_assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let ops = op_histogram(&dst);
+        prop_assert_eq!(ops.get("Conv"), Some(&1), "{:?} {:?}", g, ops);
+        prop_assert_eq!(ops.len(), 1, "{:?} {:?}", g, ops);
+        // The fused Conv keeps float16 weights and bias.
+        let model = ModelProto::decode(std::fs::read(&dst).unwrap().as_slice()).unwrap();
+        let graph = model.graph.unwrap();
+        for name in &graph.node[0].input[1..] {
+            let t = graph.initializer.iter().find(|t| t.name() == name.as_str());
+            prop_assert_eq!(t.and_then(|t| t.data_type), Some(10), "{}", name);
+        }
+        let (x16, x32) = input_f16(&g, seed);
+        // The float16 model's values evaluated in float32, and the original in float16.
+        let want = run_tract(&reference, &x32);
+        let original = run_tract(&src, &x16);
+        let got = run_tract(&dst, &x16);
+        let rel = relative_error(&want[0], &got[0]);
+        let rel_original = relative_error(&original[0], &got[0]);
+        prop_assert!(
+            rel < TOLERANCE_FP16_PROPERTY && rel_original < TOLERANCE_FP16_PROPERTY,
+            "{:?}: relative error {} vs float32, {} vs the original in float16",
+            g, rel, rel_original
+        );
     }
 
     #[test]
