@@ -341,7 +341,7 @@ fn reshape_like(a: &Value, f: impl Fn(&ArrayD<f64>) -> Option<ArrayD<f64>>) -> O
 }
 
 /// Numpy-style broadcast of two shapes.
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let rank = a.len().max(b.len());
     let at = |s: &[usize], i: usize| {
         if i + s.len() >= rank {

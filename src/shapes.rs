@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use crate::constant::broadcast_shape as broadcast;
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
 use crate::onnx::proto::{NodeProto, tensor_shape_proto, type_proto};
@@ -204,20 +205,6 @@ fn input_shape(
             (1, _) => declared(1),
             (_, Some(s)) => s.get(a - 2).or(s.last()).copied(),
             (_, None) => declared(a),
-        })
-        .collect()
-}
-
-/// Numpy-style broadcast of two shapes.
-fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    let at = |s: &[usize], i: usize| (i + s.len()).checked_sub(rank).map_or(1, |j| s[j]);
-    (0..rank)
-        .map(|i| match (at(a, i), at(b, i)) {
-            (x, y) if x == y => Some(x),
-            (1, y) => Some(y),
-            (x, 1) => Some(x),
-            _ => None,
         })
         .collect()
 }

@@ -562,6 +562,17 @@ fn conv(
     let (table, out_shape) = taps(spatial, kernel, &strides, &dilations, &begin, &end)?;
     let plane: usize = spatial.iter().product();
     let tap_count: usize = kernel.iter().product();
+    let work = [tap_count, per_group.max(8), outs.len()]
+        .iter()
+        .try_fold(table.len(), |w, &f| w.checked_mul(f));
+    if work.is_none_or(|w| w > CHECK_WORK) {
+        return Err(format!(
+            "Conv '{}' is too large to check ({} output positions × {tap_count} taps × {per_group} \
+             input channels)",
+            node.name(),
+            table.len()
+        ));
+    }
     let channels = per_group * group;
     let x_std = x.as_standard_layout();
     let x_flat = x_std.as_slice().ok_or("input not contiguous")?;
