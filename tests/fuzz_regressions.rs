@@ -61,6 +61,13 @@ const KNOWN: &[(&str, Expect, &str)] = &[
         "verify.rs check_block(): dilation × (kernel − 1) overflowed",
     ),
     (
+        "verify_huge_pads_timeout.onnx",
+        // A 3-D Conv (weight [8, 8, 4, 3, 2]) → BN with one pad of 43690.
+        Expect::Error("the geometry is too large to check"),
+        "verify.rs conv(): 37 s on one input (libFuzzer timeout): 6.3M output positions × 24 \
+         taps for each of the 8 sampled channels",
+    ),
+    (
         "verify_input_too_large.onnx",
         Expect::Error("the check's input [1, 2, 4398046511105, 3298534883329] would be too large"),
         "verify.rs check_block(): ndarray 'Shape too large' for the check's input (dilation 2^40)",
