@@ -32,6 +32,28 @@ const KNOWN: &[(&str, Expect, &str)] = &[
         "affine.rs common_dilations(): index out of bounds (the first branch's rank indexed the \
          second's kernel)",
     ),
+    // Corpus entries of `fuse_structured` (well-formed mode) that fold and verify deep blocks.
+    (
+        "deep_3d_stride2_sub_branches.onnx",
+        Expect::Fused(1),
+        "3-D depthwise, stride 2: 1x1x3 + 1x1x1 d3 + 1x5x1 − a Conv whose weight comes through \
+         Identity; kernels embedded at their pad offsets (float64)",
+    ),
+    (
+        "deep_avgpool_minus_identity_mul_fp16.onnx",
+        Expect::Fused(1),
+        "1x1 d2 + avgpool 3x3 − identity, then Mul by a per-channel constant (float16)",
+    ),
+    (
+        "deep_depthwise_asymmetric_kernels_f64.onnx",
+        Expect::Fused(1),
+        "depthwise 1x1 + 5x3 + 1x1 + 1x1 d2 (float64)",
+    ),
+    (
+        "deep_identity_bn_div_mul.onnx",
+        Expect::Fused(1),
+        "1x1 + 1x1 d2 + identity, then BatchNormalization, Div and Mul",
+    ),
     (
         "initializer_dims_overflow.onnx",
         Expect::Error(
