@@ -26,22 +26,19 @@ pub fn of_block(
     shapes: &Shapes,
 ) -> Cost {
     let elements = |value: &str| -> u64 {
-        let dims: Option<Vec<i64>> = match index.declared_tensor(value) {
-            Some(t) => Some(t.dims.clone()),
-            None => index.constant(value).map(|t| t.dims.clone()),
-        };
-        dims.map_or(0, |d| product(d.iter().map(|&v| v.max(0) as u64)))
+        index
+            .tensor_dims(value)
+            .map_or(0, |d| product(d.iter().map(|&v| v.max(0) as u64)))
     };
+    let nodes = block.nodes();
     let mut params_before = 0u64;
     let mut flops_before = Some(0u64);
-    for n in block.nodes() {
+    for &n in &nodes {
         let node = index.node(n);
         let constants = node.input.iter().filter(|v| {
             !v.is_empty()
                 && *v != &block.input
-                && index
-                    .producer(v)
-                    .is_none_or(|p| !block.nodes().contains(&p))
+                && index.producer(v).is_none_or(|p| !nodes.contains(&p))
         });
         params_before =
             constants.fold(params_before, |sum: u64, v| sum.saturating_add(elements(v)));
@@ -76,10 +73,7 @@ pub fn of_block(
 fn node_flops(index: &GraphIndex, node: &crate::onnx::proto::NodeProto, out: u64) -> Option<u64> {
     match node.op_type() {
         "Conv" => {
-            let w = index
-                .declared_tensor(node.input.get(1)?)
-                .map(|t| t.dims.clone());
-            let w = w.or_else(|| index.constant(node.input.get(1)?).map(|t| t.dims.clone()))?;
+            let w = index.tensor_dims(node.input.get(1)?)?;
             let per_output = product(w.iter().skip(1).map(|&d| d.max(0) as u64));
             let bias = u64::from(node.input.get(2).is_some_and(|b| !b.is_empty()));
             Some(out.saturating_mul(per_output.saturating_mul(2).saturating_add(bias)))

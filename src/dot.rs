@@ -298,14 +298,7 @@ fn op_label(index: &GraphIndex, i: usize) -> String {
         let dims = node
             .input
             .get(1)
-            .and_then(|w| index.declared_tensor(w))
-            .map(|t| t.dims.clone())
-            .or_else(|| {
-                node.input
-                    .get(1)
-                    .and_then(|w| index.constant(w))
-                    .map(|t| t.dims.clone())
-            })
+            .and_then(|w| index.tensor_dims(w))
             .unwrap_or_default();
         if dims.len() > 2 {
             let kernel: Vec<String> = dims[2..].iter().map(i64::to_string).collect();

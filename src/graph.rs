@@ -175,6 +175,15 @@ impl<'m> GraphIndex<'m> {
         Some(t)
     }
 
+    /// The dims of a tensor value: declared (initializer or `Constant`), else computed by its
+    /// constant subgraph.
+    pub fn tensor_dims(&self, value: &str) -> Option<Vec<i64>> {
+        match self.declared_tensor(value) {
+            Some(t) => Some(t.dims.clone()),
+            None => self.constant(value).map(|t| t.dims.clone()),
+        }
+    }
+
     /// A constant stored as such: an initializer that is not an overridable graph input, or the
     /// `value` tensor of a `Constant` node.
     pub fn declared_constant(&self, value: &str) -> Option<&'m TensorProto> {
