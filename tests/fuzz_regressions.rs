@@ -151,7 +151,7 @@ fn the_library_never_panics() {
                 ..Options::default()
             },
         ] {
-            guarded(&name, "inspect_model", || inspect_model(&bytes, options));
+            let _ = guarded(&name, "inspect_model", || inspect_model(&bytes, options));
             let fused = guarded(&name, "fuse_model", || fuse_model(&bytes, options));
             if let Ok((deploy, _)) = &fused {
                 let (_, again) = fuse_model(deploy, options)
