@@ -146,7 +146,7 @@ impl Layout {
 
     /// The layout after spreading taps to dilations `to` (see [`AffineConv::spread`]); 1-tap
     /// axes just take `to`.
-    fn spread(&self, to: &[usize]) -> Result<Layout, AlgebraError> {
+    pub(crate) fn spread(&self, to: &[usize]) -> Result<Layout, AlgebraError> {
         let mut out = self.clone();
         for (axis, &t) in to.iter().enumerate() {
             let k = self.kernel[axis];
@@ -163,7 +163,7 @@ impl Layout {
 
     /// Per axis, the dilation every branch can be spread to: the greatest common divisor of the
     /// dilations of the branches wider than one tap.
-    fn common_dilations(terms: &[Layout]) -> Vec<usize> {
+    pub(crate) fn common_dilations(terms: &[Layout]) -> Vec<usize> {
         let gcd = |mut a: usize, mut b: usize| {
             while b != 0 {
                 (a, b) = (b, a % b);
@@ -185,7 +185,7 @@ impl Layout {
 
     /// The layout of the sum of `terms` (already spread to one dilation per axis) and where each
     /// term's kernel sits in it.
-    fn sum_plan(terms: &[Layout]) -> Result<(Layout, Vec<Vec<usize>>), AlgebraError> {
+    pub(crate) fn sum_plan(terms: &[Layout]) -> Result<(Layout, Vec<Vec<usize>>), AlgebraError> {
         let first = terms.first().ok_or(AlgebraError::Empty)?;
         let rank = first.kernel.len();
         for t in &terms[1..] {
@@ -253,7 +253,7 @@ impl Layout {
 
     /// Branches over different numbers of spatial axes cannot be summed (checked before
     /// anything indexes an axis of one by another's rank).
-    fn check_ranks(terms: &[Layout]) -> Result<(), AlgebraError> {
+    pub(crate) fn check_ranks(terms: &[Layout]) -> Result<(), AlgebraError> {
         let first = terms.first().ok_or(AlgebraError::Empty)?;
         for t in terms {
             let (left, right) = (first.kernel.len(), t.kernel.len());

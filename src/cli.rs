@@ -71,6 +71,10 @@ enum Command {
         /// Fold and verify every block and report, but write nothing: every path is an input.
         #[arg(long, short = 'n', conflicts_with = "out_dir")]
         dry_run: bool,
+        /// Flush each output to disk before renaming it into place, so that it survives a power
+        /// cut (off by default, as with cp; the output appears whole or not at all either way).
+        #[arg(long, conflicts_with = "dry_run")]
+        sync: bool,
     },
     /// List the blocks of IN: channels, stride, groups, branches, parameters and FLOPs before →
     /// after, and whether each can be folded (or why not).
@@ -140,11 +144,13 @@ pub fn run(args: Args) -> Result<()> {
             no_verify,
             tolerance,
             dry_run,
+            sync,
         } => {
             let options = Options {
                 allow_training_bn: allow_training,
                 verify: !no_verify,
                 tolerance,
+                sync,
             };
             let jobs = jobs(paths, out_dir, dry_run)?;
             if let [job] = jobs.as_slice()
@@ -295,7 +301,7 @@ pub fn run(args: Args) -> Result<()> {
                 true => render_svg(&dot)?,
                 false => dot.into_bytes(),
             };
-            onnx_repvgg::onnx::output::write_bytes(&output, &bytes)?;
+            onnx_repvgg::onnx::output::write_bytes(&output, &bytes, false)?;
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -459,7 +465,7 @@ fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
             .and_then(|()| stdout.flush())
             .map_err(|e| anyhow::anyhow!("<stdout>: {e}"))?;
     } else {
-        onnx_repvgg::onnx::output::write_bytes(&job.output, &model)?;
+        onnx_repvgg::onnx::output::write_bytes(&job.output, &model, options.sync)?;
     }
     Ok(report)
 }

@@ -16,6 +16,7 @@ use crate::graph::GraphIndex;
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
 use crate::pattern::{Block, ChannelOp, Term};
+use crate::recipe::{Recipe, Source};
 use crate::tensor::{self, FloatType};
 
 /// Why a block was not folded.
@@ -130,6 +131,49 @@ impl Algebra for AffineConv {
     }
 }
 
+impl Algebra for Recipe {
+    fn conv(index: &GraphIndex, n: usize, _rows: &Range<usize>) -> Result<Self, FoldError> {
+        let (layout, _) = conv_layout(index, n)?;
+        let node = index.node(n);
+        let w = index
+            .stored_constant(&node.input[1])
+            .ok_or_else(|| FoldError::Skip("weight vanished".into()))?;
+        let data = tensor::data(&w, &index.model.external)?;
+        let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
+            Some(b) => match index.constant(b) {
+                Some(b) => tensor::read_f64(&b, &index.model.external)?
+                    .iter()
+                    .copied()
+                    .collect(),
+                None => return skip("bias vanished"),
+            },
+            None => vec![0.0; layout.out_channels],
+        };
+        Ok(Recipe::leaf(layout, Source::Weights(data), 1.0, bias))
+    }
+    fn identity(channels: usize, group: usize, rank: usize, _rows: &Range<usize>) -> Self {
+        let layout = Layout::identity(channels, group, rank);
+        Recipe::leaf(layout, Source::Identity, 1.0, vec![0.0; channels])
+    }
+    fn avg_pool(layout: Layout, _rows: &Range<usize>) -> Self {
+        let taps: usize = layout.kernel.iter().product();
+        let zeros = vec![0.0; layout.out_channels];
+        Recipe::leaf(layout, Source::Mean, 1.0 / taps.max(1) as f64, zeros)
+    }
+    fn layout(&self) -> Layout {
+        self.layout.clone()
+    }
+    fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError> {
+        Recipe::scale_shift(self, scale, shift)
+    }
+    fn negate(self) -> Self {
+        Recipe::negate(self)
+    }
+    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError> {
+        Recipe::sum(parts)
+    }
+}
+
 /// The fused Conv's shape and element type, without computing it: all the checks of
 /// [`fold_rows`], but reading only per-channel parameters, never weights.
 pub fn layout(
@@ -190,6 +234,18 @@ pub fn fold_rows(
     }
     ctx.rows = rows;
     eval::<AffineConv>(index, &block.term, &ctx, options, cache)
+}
+
+/// The block's fused kernel as a [`Recipe`] over all its output channels (the weights are read
+/// only when its rows are encoded); `cache` keeps the per-channel parameters for later folds.
+pub fn recipe(
+    index: &GraphIndex,
+    block: &Block,
+    options: FoldOptions,
+    cache: &ChannelCache,
+) -> Result<Recipe, FoldError> {
+    let (ctx, _) = context(index, block)?;
+    eval::<Recipe>(index, &block.term, &ctx, options, cache)
 }
 
 fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), FoldError> {

@@ -28,6 +28,7 @@ pub mod onnx;
 pub mod pattern;
 pub mod plan;
 pub mod quant;
+pub mod recipe;
 pub mod report;
 pub mod rewrite;
 pub mod shapes;
@@ -57,6 +58,10 @@ pub struct Options {
     pub verify: bool,
     /// Largest accepted relative deviation; by default it depends on the weights' type.
     pub tolerance: Option<f64>,
+    /// Flush the output to disk (`fdatasync`) before renaming it into place, so that it also
+    /// survives a power cut. Off by default, as with `cp`: the output still appears atomically
+    /// (whole or not at all) to every other program, and the input is never written.
+    pub sync: bool,
 }
 
 impl Default for Options {
@@ -65,6 +70,7 @@ impl Default for Options {
             allow_training_bn: false,
             verify: true,
             tolerance: None,
+            sync: false,
         }
     }
 }
@@ -221,44 +227,70 @@ fn fuse(
         "fusing this model",
     )?;
     let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
-    let mut produce =
-        |p: usize, write: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<Vec<Bytes>> {
-            let plan = &analysis.plans[p];
-            let sample = if options.verify {
-                verify::sample(plan)
-            } else {
-                Vec::new()
-            };
-            let produced = plan.write_tensors(&index, write, &sample)?;
-            fused[p].rounding_error = produced.rounding;
-            if options.verify {
-                let node = &patch.replaced[&plan.block.root];
-                let bias = tensor::decode(&produced.bias, plan.dtype);
-                let bias = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
-                    .map_err(|e| Error::Graph(e.to_string()))?;
-                let deviation = verify::check(
-                    &index,
-                    plan,
-                    node,
-                    &produced.sampled,
-                    &bias,
-                    options.tolerance,
-                )?;
-                fused[p].deviation = Some(deviation);
-            }
-            model.release_pages();
-            progress(p + 1, analysis.plans.len());
-            Ok(vec![produced.bias])
-        };
+    // Each block is checked on a thread of its own while the next ones are folded and written
+    // (one block behind at most); the output is renamed into place only after every check.
+    let check = |p: usize, produced: &plan::Produced| -> Result<verify::Deviation> {
+        let plan = &analysis.plans[p];
+        let node = &patch.replaced[&plan.block.root];
+        let bias = tensor::decode(&produced.bias, plan.dtype);
+        let bias = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
+            .map_err(|e| Error::Graph(e.to_string()))?;
+        let deviation = verify::check(
+            &index,
+            plan,
+            node,
+            &produced.sampled,
+            &bias,
+            options.tolerance,
+        )?;
+        model.release_pages();
+        Ok(deviation)
+    };
+    let mut deviations = Vec::new();
     let mut write = |model_sink: &mut splice::Sink, sidecar_sink: Option<&mut splice::Sink>| {
-        splice::write(
-            &planned,
-            model,
-            &patch,
-            model_sink,
-            sidecar_sink,
-            &mut produce,
-        )
+        std::thread::scope(|scope| -> Result<()> {
+            let (send, receive) = std::sync::mpsc::sync_channel::<(usize, plan::Produced)>(1);
+            let checker = scope.spawn(move || -> Result<Vec<(usize, verify::Deviation)>> {
+                receive
+                    .into_iter()
+                    .map(|(p, produced)| Ok((p, check(p, &produced)?)))
+                    .collect()
+            });
+            let mut produce =
+                |p: usize, write: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<Vec<Bytes>> {
+                    let plan = &analysis.plans[p];
+                    let sample = match options.verify {
+                        true => verify::sample(plan),
+                        false => Vec::new(),
+                    };
+                    let produced = plan.write_tensors(&index, write, &sample)?;
+                    fused[p].rounding_error = produced.rounding;
+                    let bias = produced.bias.clone();
+                    if options.verify && send.send((p, produced)).is_err() {
+                        // The checker stopped on a failed check: its error is the one to report.
+                        return Err(Error::Graph("a block failed its check".into()));
+                    }
+                    if !options.verify {
+                        model.release_pages();
+                    }
+                    progress(p + 1, analysis.plans.len());
+                    Ok(vec![bias])
+                };
+            let written = splice::write(
+                &planned,
+                model,
+                &patch,
+                model_sink,
+                sidecar_sink,
+                &mut produce,
+            );
+            drop(send);
+            let checked = checker
+                .join()
+                .map_err(|_| Error::Graph("the check of a block panicked".into()))?;
+            deviations = checked?;
+            written
+        })
     };
     match target {
         Target::File { output, protected } => {
@@ -266,7 +298,7 @@ fn fuse(
             if let Some(path) = sidecar {
                 onnx::output::check_output(path, &protected)?;
             }
-            onnx::output::write_with(output, sidecar, write)?;
+            onnx::output::write_with(output, sidecar, options.sync, write)?;
         }
         Target::Memory(out) => {
             if planned.sidecar_len.is_some() {
@@ -281,6 +313,9 @@ fn fuse(
             }
         }
         Target::Discard => write(&mut splice::Sink::Discard, Some(&mut splice::Sink::Discard))?,
+    }
+    for (p, deviation) in deviations {
+        fused[p].deviation = Some(deviation);
     }
 
     let elements =

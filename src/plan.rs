@@ -3,12 +3,13 @@
 
 use std::ops::Range;
 
-use crate::affine::{AffineConv, Layout};
+use crate::affine::Layout;
 use crate::error::Result;
 use crate::fold::{self, FoldError, FoldOptions};
 use crate::graph::GraphIndex;
 use crate::naming::{self, NamePool};
 use crate::pattern::{self, Block};
+use crate::recipe::{Recipe, Rounding};
 use crate::report::{self, BlockInfo};
 use crate::tensor::{self, FloatType};
 
@@ -124,18 +125,40 @@ impl BlockPlan {
         let mut sampled_dims = dims.clone();
         sampled_dims[0] = sample.len();
         let mut sampled = ndarray::ArrayD::zeros(ndarray::IxDyn(&sampled_dims));
-        let mut bias = Vec::with_capacity(self.layout.out_channels);
         let (mut largest, mut rounded) = (0.0f64, 0.0f64);
+        let out_channels = self.layout.out_channels;
         let row_bytes = row_len * self.dtype.size();
         let starts: Vec<usize> = (0..self.layout.out_channels)
             .step_by(rows_per_chunk)
             .collect();
-        let half = matches!(self.dtype, FloatType::F16 | FloatType::Bf16);
+        let recipe = match fold::recipe(
+            index,
+            &self.block,
+            self.options,
+            &fold::ChannelCache::default(),
+        ) {
+            Ok(r) if r.layout.weight_dims() == dims => r,
+            Ok(_) => {
+                return Err(crate::Error::Graph(format!(
+                    "block '{}' folded to another shape than planned",
+                    self.info.name
+                )));
+            }
+            Err(FoldError::Invalid(e)) => return Err(e),
+            Err(FoldError::Skip(reason)) => {
+                return Err(crate::Error::Graph(format!(
+                    "block '{}' no longer folds: {reason}",
+                    self.info.name
+                )));
+            }
+        };
         // A producer thread folds and encodes a window of chunks in parallel while this thread
         // writes the window before it, in order: folding overlaps the writing.
         let window = 2 * rayon::current_num_threads();
-        let cache = fold::ChannelCache::default();
-        let (send, receive) = std::sync::mpsc::sync_channel::<Result<Vec<Chunk>>>(1);
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Chunk>>(1);
+        let recipe = &recipe;
+        let buffers = Buffers::default();
+        let buffers = &buffers;
         std::thread::scope(|scope| -> Result<()> {
             scope.spawn(move || {
                 let mut unreleased = 0usize;
@@ -151,9 +174,8 @@ impl BlockPlan {
                     let chunks = starts
                         .par_iter()
                         .map(|&start| {
-                            let rows =
-                                start..(start + rows_per_chunk).min(self.layout.out_channels);
-                            self.encode_chunk(index, rows, &dims, half, &cache)
+                            let rows = start..(start + rows_per_chunk).min(out_channels);
+                            Chunk::encode(recipe, rows, self.dtype, buffers.take())
                         })
                         .collect();
                     // The receiver hangs up after an error: nothing more to fold.
@@ -163,7 +185,7 @@ impl BlockPlan {
                 }
             });
             for window in receive {
-                for chunk in window? {
+                for chunk in window {
                     write(&chunk.encoded)?;
                     for (i, &r) in sample.iter().enumerate() {
                         if chunk.rows.contains(&r) {
@@ -174,18 +196,16 @@ impl BlockPlan {
                             row.iter_mut().zip(values).for_each(|(d, v)| *d = v);
                         }
                     }
-                    largest = largest.max(chunk.largest);
-                    rounded = rounded.max(chunk.rounded);
-                    bias.extend(chunk.bias);
+                    largest = largest.max(chunk.rounding.largest);
+                    rounded = rounded.max(chunk.rounding.rounded);
+                    buffers.give(chunk.encoded);
                 }
             }
             Ok(())
         })?;
-        let bias = tensor::to_le_bytes(
-            &ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
-                .map_err(|e| crate::Error::Graph(e.to_string()))?,
-            self.dtype,
-        );
+        let mut bias = Vec::new();
+        tensor::encode_into(&recipe.bias, self.dtype, &mut bias);
+        let half = matches!(self.dtype, FloatType::F16 | FloatType::Bf16);
         let rounding = half.then(|| rounded / largest.max(f64::MIN_POSITIVE));
         Ok(Produced {
             bias: bias.into(),
@@ -199,57 +219,47 @@ impl BlockPlan {
 struct Chunk {
     rows: Range<usize>,
     encoded: Vec<u8>,
-    bias: Vec<f64>,
-    /// For half precision: the largest value and the largest rounding change.
-    largest: f64,
-    rounded: f64,
+    rounding: Rounding,
 }
 
-impl BlockPlan {
-    fn encode_chunk(
-        &self,
-        index: &GraphIndex,
-        rows: Range<usize>,
-        dims: &[usize],
-        half: bool,
-        cache: &fold::ChannelCache,
-    ) -> Result<Chunk> {
-        let conv = self.fold_chunk(index, rows.clone(), cache)?;
-        if conv.weight.shape()[1..] != dims[1..] {
-            return Err(crate::Error::Graph(format!(
-                "block '{}' folded to another shape than planned",
-                self.info.name
-            )));
-        }
-        let (mut largest, mut rounded) = (0.0f64, 0.0f64);
-        if half {
-            for &v in conv.weight.iter().chain(conv.bias.iter()) {
-                largest = largest.max(v.abs());
-                rounded = rounded.max((self.dtype.round(v) - v).abs());
-            }
-        }
-        Ok(Chunk {
-            rows,
-            encoded: tensor::to_le_bytes(&conv.weight, self.dtype),
-            bias: conv.bias.iter().copied().collect(),
-            largest,
-            rounded,
-        })
+thread_local! {
+    /// Each folding thread's row buffers, reused from chunk to chunk.
+    static ROWS: std::cell::RefCell<(Vec<f64>, Vec<f64>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Encoded chunks' buffers, back from the writer for the next chunks: fresh allocations this
+/// size would each be mapped, faulted in and zeroed by the kernel.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut b| b.pop())
+            .unwrap_or_default()
     }
 
-    fn fold_chunk(
-        &self,
-        index: &GraphIndex,
-        rows: Range<usize>,
-        cache: &fold::ChannelCache,
-    ) -> Result<AffineConv> {
-        match fold::fold_rows(index, &self.block, self.options, rows, cache) {
-            Ok(c) => Ok(c),
-            Err(FoldError::Invalid(e)) => Err(e),
-            Err(FoldError::Skip(reason)) => Err(crate::Error::Graph(format!(
-                "block '{}' no longer folds: {reason}",
-                self.info.name
-            ))),
+    fn give(&self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        if let Ok(mut b) = self.0.lock() {
+            b.push(buffer);
+        }
+    }
+}
+
+impl Chunk {
+    fn encode(recipe: &Recipe, rows: Range<usize>, ty: FloatType, mut encoded: Vec<u8>) -> Chunk {
+        let rounding = ROWS.with_borrow_mut(|(acc, scratch)| {
+            recipe.encode_rows(rows.clone(), ty, &mut encoded, acc, scratch)
+        });
+        Chunk {
+            rows,
+            encoded,
+            rounding,
         }
     }
 }

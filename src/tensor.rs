@@ -165,6 +165,45 @@ pub fn read_f64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<f64>
     ArrayD::from_shape_vec(IxDyn(&dims), values).map_err(|e| Error::tensor(name, e.to_string()))
 }
 
+/// A float tensor's values as stored, for reading row by row: its little-endian bytes (a view of
+/// the mapped file, never copied) or, for tensors kept in the typed fields, the values decoded.
+#[derive(Debug, Clone)]
+pub enum Data {
+    Raw(Bytes, FloatType),
+    Values(std::sync::Arc<[f64]>),
+}
+
+impl Data {
+    /// Appends `range` of the values, times `factor`, as f64 to `into`.
+    pub fn extend_scaled(&self, range: std::ops::Range<usize>, factor: f64, into: &mut Vec<f64>) {
+        match self {
+            Data::Raw(bytes, ty) => {
+                let bytes = &bytes[range.start * ty.size()..range.end * ty.size()];
+                decode_scaled_into(bytes, *ty, factor, into)
+            }
+            Data::Values(values) => into.extend(values[range].iter().map(|v| v * factor)),
+        }
+    }
+}
+
+/// A float tensor's [`Data`], checked against its dims.
+pub fn data(t: &TensorProto, external: &ExternalStore) -> Result<Data> {
+    let name = t.name.as_deref().unwrap_or("");
+    let ty = float_type(t)?;
+    let (_, count) = shape(t)?;
+    match stored_bytes(t, external, count)? {
+        Some(raw) if count.checked_mul(ty.size()) == Some(raw.len()) => Ok(Data::Raw(raw, ty)),
+        Some(raw) => Err(Error::tensor(
+            name,
+            format!(
+                "dims need {count} values but the data holds {} bytes",
+                raw.len()
+            ),
+        )),
+        None => Ok(Data::Values(from_typed_fields(t, ty, count)?.into())),
+    }
+}
+
 /// Reads only the slices `rows` of a float tensor's first axis (e.g. some output channels of a
 /// convolution weight), without converting the rest.
 pub fn read_f64_rows(
@@ -325,21 +364,26 @@ pub fn read_i64(t: &TensorProto, external: &ExternalStore) -> Result<ArrayD<i64>
 /// Encodes values as little-endian bytes of `ty` (rounding to nearest).
 pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
     let standard = values.as_standard_layout();
-    let values = standard.as_slice().unwrap_or(&[]);
-    let mut out = vec![0u8; values.len() * ty.size()];
-    let width = ty.size();
-    let slots = out.chunks_exact_mut(width).zip(values);
-    match ty {
-        FloatType::F32 => slots.for_each(|(d, &v)| d.copy_from_slice(&(v as f32).to_le_bytes())),
-        FloatType::F64 => slots.for_each(|(d, &v)| d.copy_from_slice(&v.to_le_bytes())),
-        FloatType::F16 => {
-            slots.for_each(|(d, &v)| d.copy_from_slice(&f16::from_f64(v).to_le_bytes()))
-        }
-        FloatType::Bf16 => {
-            slots.for_each(|(d, &v)| d.copy_from_slice(&bf16::from_f64(v).to_le_bytes()))
-        }
-    }
+    let mut out = Vec::new();
+    encode_into(standard.as_slice().unwrap_or(&[]), ty, &mut out);
     out
+}
+
+/// [`to_le_bytes`], appending to `out`.
+pub fn encode_into(values: &[f64], ty: FloatType, out: &mut Vec<u8>) {
+    /// Each value into its own `N` bytes (a constant width, so each copy is a plain store).
+    fn fill<const N: usize>(out: &mut Vec<u8>, values: &[f64], encode: impl Fn(f64) -> [u8; N]) {
+        let start = out.len();
+        out.resize(start + values.len() * N, 0);
+        let slots = out[start..].chunks_exact_mut(N).zip(values);
+        slots.for_each(|(d, &v)| d.copy_from_slice(&encode(v)));
+    }
+    match ty {
+        FloatType::F32 => fill(out, values, |v| (v as f32).to_le_bytes()),
+        FloatType::F64 => fill(out, values, f64::to_le_bytes),
+        FloatType::F16 => fill(out, values, |v| f16::from_f64(v).to_le_bytes()),
+        FloatType::Bf16 => fill(out, values, |v| bf16::from_f64(v).to_le_bytes()),
+    }
 }
 
 /// Decodes little-endian bytes of `ty` (the inverse of [`to_le_bytes`]).
@@ -347,6 +391,25 @@ pub fn decode(bytes: &[u8], ty: FloatType) -> Vec<f64> {
     let mut values = Vec::with_capacity(bytes.len() / ty.size());
     decode_into(bytes, ty, &mut values);
     values
+}
+
+/// [`decode`] times `factor`, appending to `values` (one pass, for the fold's hot loop).
+pub fn decode_scaled_into(bytes: &[u8], ty: FloatType, factor: f64, values: &mut Vec<f64>) {
+    let start = values.len();
+    match ty {
+        // Sized first, then filled element by element: a loop the compiler vectorizes.
+        FloatType::F32 => {
+            values.resize(start + bytes.len() / 4, 0.0);
+            let slots = values[start..].iter_mut().zip(bytes.chunks_exact(4));
+            slots.for_each(|(d, c)| {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 * factor
+            });
+        }
+        _ => {
+            decode_into(bytes, ty, values);
+            values[start..].iter_mut().for_each(|v| *v *= factor);
+        }
+    }
 }
 
 /// [`decode`], appending to `values`.

@@ -598,16 +598,17 @@ fn conv(
         })
         .collect();
     // Output channels are independent: the sampled ones are computed in parallel.
+    // Each thread transposes weights into one buffer, every element overwritten each time.
     let rows: Vec<Vec<f64>> = outs
         .par_iter()
         .enumerate()
-        .map(|(row, &oc)| {
+        .map_init(Vec::new, |w_last, (row, &oc)| {
             if oc >= o {
                 return Err("output channel out of range".to_string());
             }
             let first_input = oc / (o / group) * per_group;
             let weights = &w_flat[row * per_group * tap_count..][..per_group * tap_count];
-            let mut w_last = vec![0.0; per_group * tap_count];
+            w_last.resize(per_group * tap_count, 0.0);
             for (ic, taps) in weights.chunks_exact(tap_count).enumerate() {
                 for (t, &v) in taps.iter().enumerate() {
                     w_last[t * per_group + ic] = v;

@@ -72,17 +72,24 @@ pub fn check_output(output: &Path, protected: &[PathBuf]) -> Result<()> {
 
 /// Writes the model (and its sidecar) atomically: `fill` writes into sinks over temporary files
 /// in the destination directory, which are renamed into place only if it succeeds (sidecar
-/// first, so a model never points to missing data); otherwise they vanish.
+/// first, so a model never points to missing data); otherwise they vanish. With `sync` the
+/// files reach the disk before the renames (durable across a power cut, and as slow as the disk).
 pub fn write_with(
     output: &Path,
     sidecar: Option<&Path>,
+    sync: bool,
     fill: impl FnOnce(&mut Sink, Option<&mut Sink>) -> Result<()>,
 ) -> Result<()> {
     let model_tmp = temporary(output)?;
     let sidecar_tmp = sidecar.map(temporary).transpose()?;
     let sink = |tmp: &tempfile::NamedTempFile, path: &Path| -> Result<Sink> {
         let file = tmp.as_file().try_clone().map_err(|e| Error::io(path, e))?;
-        Ok(Sink::File(std::io::BufWriter::with_capacity(1 << 20, file)))
+        // Small fields gather in the buffer; fused tensors come in chunks larger than it, which
+        // go to the file directly rather than through another copy.
+        Ok(Sink::File(std::io::BufWriter::with_capacity(
+            64 << 10,
+            file,
+        )))
     };
     let mut model_sink = sink(&model_tmp, output)?;
     let mut sidecar_sink = match (&sidecar_tmp, sidecar) {
@@ -91,11 +98,11 @@ pub fn write_with(
     };
     fill(&mut model_sink, sidecar_sink.as_mut())?;
     drop((model_sink, sidecar_sink));
-    for (tmp, path) in sidecar_tmp
+    let written = sidecar_tmp
         .iter()
         .zip(sidecar)
-        .chain([(&model_tmp, output)])
-    {
+        .chain([(&model_tmp, output)]);
+    for (tmp, path) in written.filter(|_| sync) {
         tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
     }
     if let (Some(tmp), Some(path)) = (sidecar_tmp, sidecar) {
@@ -107,10 +114,10 @@ pub fn write_with(
     Ok(())
 }
 
-/// Writes `bytes` to `output` atomically (a model fused in memory).
-pub fn write_bytes(output: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `output` atomically (a model fused in memory), durably with `sync`.
+pub fn write_bytes(output: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     check_output(output, &[])?;
-    write_with(output, None, |sink, _| match sink {
+    write_with(output, None, sync, |sink, _| match sink {
         Sink::File(w) => std::io::Write::write_all(w, bytes).map_err(|e| Error::io(output, e)),
         _ => Ok(()),
     })
@@ -161,7 +168,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("m.onnx");
         let (side, _) = sidecar_for(&out).unwrap();
-        write_with(&out, Some(&side), |m, s| {
+        write_with(&out, Some(&side), false, |m, s| {
             for (sink, data) in [(m, &b"model"[..]), (s.unwrap(), &b"data"[..])] {
                 if let Sink::File(w) = sink {
                     w.write_all(data).unwrap();

@@ -1,0 +1,241 @@
+//! A fused kernel as a recipe instead of numbers: which source kernels (stored Conv weights, the
+//! identity, an average) land on which taps of the fused kernel, times which per-channel factor.
+//! The branches' algebra (scale and shift, negation, spreading taps, summing) acts on the recipe
+//! alone; the weights are read once, when a row of output channels is written, in one pass from
+//! the stored bytes to the output's bytes. [`crate::affine::AffineConv`] is the same algebra on
+//! dense numbers; the two agree to the last bit but for f64 rounding (tested below).
+
+use std::ops::Range;
+
+use crate::affine::{AlgebraError, Layout};
+use crate::tensor::{self, Data, FloatType};
+
+/// Where a part's values come from, per output channel `o` and input channel `i` (of its group).
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A stored kernel `[O, C/group, k…]`: row `o`.
+    Weights(Data),
+    /// `x` itself: 1 where `i = o mod C/group`, one tap.
+    Identity,
+    /// An average pool: 1 at every tap where `i = o mod C/group` (the factor holds 1/taps).
+    Mean,
+}
+
+/// One source's share of the fused kernel.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub source: Source,
+    /// For each tap of the source kernel (flattened), its flat index in the fused kernel.
+    pub taps: Vec<usize>,
+    /// Per output channel.
+    pub factor: Vec<f64>,
+}
+
+/// `y = (Σ parts) ⊛ x + bias`, with the fused layout.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub layout: Layout,
+    pub parts: Vec<Part>,
+    pub bias: Vec<f64>,
+}
+
+/// For half precision: the largest value written and the largest change rounding made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rounding {
+    pub largest: f64,
+    pub rounded: f64,
+}
+
+impl Recipe {
+    /// A source whose kernel has the layout's shape, every channel once.
+    pub fn leaf(layout: Layout, source: Source, factor: f64, bias: Vec<f64>) -> Recipe {
+        let taps = (0..layout.kernel.iter().product()).collect();
+        let factor = vec![factor; layout.out_channels];
+        Recipe {
+            layout,
+            parts: vec![Part {
+                source,
+                taps,
+                factor,
+            }],
+            bias,
+        }
+    }
+
+    /// `y ↦ y·scale + shift` per output channel.
+    pub fn scale_shift(mut self, scale: &[f64], shift: &[f64]) -> Result<Recipe, AlgebraError> {
+        self.layout.check_channels(scale, shift)?;
+        for part in &mut self.parts {
+            part.factor.iter_mut().zip(scale).for_each(|(f, s)| *f *= s);
+        }
+        for ((b, s), t) in self.bias.iter_mut().zip(scale).zip(shift) {
+            *b = *b * s + t;
+        }
+        Ok(self)
+    }
+
+    /// `−y`.
+    pub fn negate(mut self) -> Recipe {
+        for part in &mut self.parts {
+            part.factor.iter_mut().for_each(|f| *f = -*f);
+        }
+        self.bias.iter_mut().for_each(|b| *b = -*b);
+        self
+    }
+
+    /// Spreads the taps to dilations `to` (see [`crate::affine::AffineConv::spread`]).
+    fn spread(self, to: &[usize]) -> Result<Recipe, AlgebraError> {
+        let layout = self.layout.spread(to)?;
+        let from = &self.layout;
+        let step: Vec<usize> = (0..to.len())
+            .map(|a| match from.kernel[a] > 1 {
+                true => from.geometry.dilations[a] / to[a].max(1),
+                false => 1,
+            })
+            .collect();
+        let parts = remap(self.parts, &from.kernel, &layout.kernel, |a, p| p * step[a]);
+        Ok(Recipe {
+            layout,
+            parts,
+            bias: self.bias,
+        })
+    }
+
+    /// Sums branches that read the same input into one convolution.
+    pub fn sum(terms: Vec<Recipe>) -> Result<Recipe, AlgebraError> {
+        let layouts: Vec<Layout> = terms.iter().map(|t| t.layout.clone()).collect();
+        Layout::check_ranks(&layouts)?;
+        let common = Layout::common_dilations(&layouts);
+        let spread: Vec<Recipe> = terms
+            .into_iter()
+            .map(|t| t.spread(&common))
+            .collect::<Result<_, _>>()?;
+        let layouts: Vec<Layout> = spread.iter().map(|t| t.layout.clone()).collect();
+        let (target, offsets) = Layout::sum_plan(&layouts)?;
+        let mut parts = Vec::new();
+        let mut bias = vec![0.0; target.out_channels];
+        for (term, offset) in spread.into_iter().zip(&offsets) {
+            let moved = remap(term.parts, &term.layout.kernel, &target.kernel, |a, p| {
+                p + offset[a]
+            });
+            parts.extend(moved);
+            bias.iter_mut().zip(&term.bias).for_each(|(b, t)| *b += t);
+        }
+        // The part that covers the whole kernel goes first: it starts each row.
+        let plane: usize = target.kernel.iter().product();
+        if let Some(full) = parts.iter().position(|p| covers(p, plane)) {
+            parts[..=full].rotate_right(1);
+        }
+        Ok(Recipe {
+            layout: target,
+            parts,
+            bias,
+        })
+    }
+
+    /// Values per output channel: `C/group · taps`.
+    pub fn row_len(&self) -> usize {
+        self.layout.in_per_group * self.layout.kernel.iter().product::<usize>()
+    }
+
+    /// Computes output channels `rows` in f64 and appends them to `out` encoded as `ty`; `acc`
+    /// and `scratch` are reused buffers.
+    pub fn encode_rows(
+        &self,
+        rows: Range<usize>,
+        ty: FloatType,
+        out: &mut Vec<u8>,
+        acc: &mut Vec<f64>,
+        scratch: &mut Vec<f64>,
+    ) -> Rounding {
+        let mut rounding = Rounding::default();
+        for o in rows {
+            self.row(o, acc, scratch);
+            tensor::encode_into(acc, ty, out);
+            if matches!(ty, FloatType::F16 | FloatType::Bf16) {
+                rounding.merge(ty, acc);
+                rounding.merge(ty, &self.bias[o..=o]);
+            }
+        }
+        rounding
+    }
+
+    /// Output channel `o` of the fused kernel, into `acc`.
+    fn row(&self, o: usize, acc: &mut Vec<f64>, scratch: &mut Vec<f64>) {
+        let plane: usize = self.layout.kernel.iter().product();
+        let in_pg = self.layout.in_per_group;
+        acc.clear();
+        let len = in_pg * plane;
+        let mut parts = self.parts.iter().peekable();
+        match parts.peek() {
+            Some(p) if covers(p, plane) => {
+                if let Source::Weights(data) = &p.source {
+                    data.extend_scaled(o * len..(o + 1) * len, p.factor[o], acc);
+                }
+                parts.next();
+            }
+            _ => acc.resize(len, 0.0),
+        }
+        for part in parts {
+            let f = part.factor[o];
+            match &part.source {
+                Source::Weights(data) => {
+                    let len = in_pg * part.taps.len();
+                    scratch.clear();
+                    data.extend_scaled(o * len..(o + 1) * len, f, scratch);
+                    let planes = acc.chunks_exact_mut(plane);
+                    for (dst, src) in planes.zip(scratch.chunks_exact(part.taps.len())) {
+                        for (&tap, &v) in part.taps.iter().zip(src) {
+                            dst[tap] += v;
+                        }
+                    }
+                }
+                Source::Identity | Source::Mean => {
+                    let at = (o % in_pg.max(1)) * plane;
+                    part.taps.iter().for_each(|&tap| acc[at + tap] += f);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a part holds stored weights for every tap of the kernel, in order.
+fn covers(part: &Part, plane: usize) -> bool {
+    matches!(part.source, Source::Weights(_))
+        && part.taps.len() == plane
+        && part.taps.iter().enumerate().all(|(i, &t)| i == t)
+}
+
+/// Moves every part's taps from kernel `from` to kernel `to`, axis position `p` to `at(axis, p)`.
+fn remap(
+    mut parts: Vec<Part>,
+    from: &[usize],
+    to: &[usize],
+    at: impl Fn(usize, usize) -> usize,
+) -> Vec<Part> {
+    if from == to && (0..from.len()).all(|a| (0..from[a]).all(|p| at(a, p) == p)) {
+        return parts;
+    }
+    let moved = |flat: usize| {
+        let mut rest = flat;
+        let mut pos = vec![0; from.len()];
+        for a in (0..from.len()).rev() {
+            pos[a] = at(a, rest % from[a].max(1));
+            rest /= from[a].max(1);
+        }
+        pos.iter().zip(to).fold(0, |acc, (&p, &k)| acc * k + p)
+    };
+    for part in &mut parts {
+        part.taps.iter_mut().for_each(|t| *t = moved(*t));
+    }
+    parts
+}
+
+impl Rounding {
+    fn merge(&mut self, ty: FloatType, values: &[f64]) {
+        for &v in values {
+            self.largest = self.largest.max(v.abs());
+            self.rounded = self.rounded.max((ty.round(v) - v).abs());
+        }
+    }
+}
