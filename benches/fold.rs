@@ -1,11 +1,14 @@
-//! Criterion benchmarks of the fold kernels on a RepVGG-B-sized block (512 → 512 channels):
-//! BN as scale/shift, the sum of 3x3 + 1x1 + identity, and encoding to float32.
+//! Criterion benchmarks of the fold kernels on a RepVGG-B-sized block (512 → 512 channels): the
+//! recipe the tool runs (stored float32 bytes → BN → 3x3 + 1x1 + identity → float32 bytes), and
+//! the dense algebra's steps (BN as scale/shift, the sum, encoding to float32).
 //! Run with `cargo bench`; figures are in the README.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ndarray::{Array1, ArrayD, IxDyn};
+use onnx_repvgg::affine::Layout;
 use onnx_repvgg::affine::{AffineConv, Geometry};
-use onnx_repvgg::tensor::{FloatType, to_le_bytes};
+use onnx_repvgg::recipe::{Recipe, Source};
+use onnx_repvgg::tensor::{Data, FloatType, to_le_bytes};
 use std::hint::black_box;
 
 fn conv(o: usize, c: usize, k: usize, pad: usize) -> AffineConv {
@@ -27,6 +30,14 @@ fn conv(o: usize, c: usize, k: usize, pad: usize) -> AffineConv {
     }
 }
 
+/// The branch as the tool sees it: float32 bytes in the file.
+fn stored(conv: &AffineConv) -> Recipe {
+    let bytes = to_le_bytes(&conv.weight, FloatType::F32);
+    let data = Data::Raw(bytes.into(), FloatType::F32);
+    let bias = conv.bias.to_vec();
+    Recipe::leaf(conv.layout(), Source::Weights(data), 1.0, bias)
+}
+
 fn bench(c: &mut Criterion) {
     let channels = 512;
     let scale: Vec<f64> = (0..channels).map(|i| 1.0 + i as f64 * 1e-3).collect();
@@ -42,6 +53,37 @@ fn bench(c: &mut Criterion) {
             black_box(AffineConv::sum(vec![dense.clone(), point.clone(), id]).unwrap())
         })
     });
+    let recipe = Recipe::sum(vec![
+        stored(&dense).scale_shift(&scale, &shift).unwrap(),
+        stored(&point).scale_shift(&scale, &shift).unwrap(),
+        Recipe::leaf(
+            Layout::identity(channels, 1, 2),
+            Source::Identity,
+            1.0,
+            shift.clone(),
+        )
+        .scale_shift(&scale, &shift)
+        .unwrap(),
+    ])
+    .unwrap();
+    c.bench_function(
+        "recipe: fold and encode 512x512x3x3 + 1x1 + identity",
+        |b| {
+            let (mut acc, mut scratch) = (Vec::new(), Vec::new());
+            let mut out = Vec::with_capacity(channels * channels * 9 * 4);
+            b.iter(|| {
+                out.clear();
+                let rows = 0..channels;
+                black_box(recipe.encode_rows(
+                    rows,
+                    FloatType::F32,
+                    &mut out,
+                    &mut acc,
+                    &mut scratch,
+                ));
+            })
+        },
+    );
     let folded = AffineConv::sum(vec![dense.clone(), point.clone()]).unwrap();
     c.bench_function("encode float32 512x512x3x3", |b| {
         b.iter(|| black_box(to_le_bytes(&folded.weight, FloatType::F32)))

@@ -1,16 +1,12 @@
-//! Folding a matched block into one affine convolution: each branch becomes an [`AffineConv`]
-//! (Conv weights and bias, then the BatchNormalization as a per-channel scale and shift; the
+//! Folding a matched block into one affine convolution: each branch becomes a [`Recipe`] (a Conv's
+//! stored weights and bias, then the BatchNormalization as a per-channel scale and shift; the
 //! identity as a grouped diagonal kernel), and the branches are summed. Geometry comes from the
 //! Conv attributes (ONNX Conv v1/v11/v22) and the BatchNormalization epsilon is read, never
 //! assumed. Anything that makes a fold inexact is a named reason to skip the block.
 
-use std::collections::HashMap;
-use std::ops::Range;
-use std::sync::Arc;
-
 use ndarray::Array1;
 
-use crate::affine::{AffineConv, AlgebraError, Geometry, Layout};
+use crate::affine::{AlgebraError, Geometry, Layout};
 use crate::error::Error;
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
@@ -45,8 +41,6 @@ struct Context {
     out_channels: usize,
     group: usize,
     strides: Vec<usize>,
-    /// The output channels computed (all of them when planning).
-    rows: Range<usize>,
 }
 
 /// Options that change what may be folded.
@@ -56,12 +50,12 @@ pub struct FoldOptions {
     pub allow_training_bn: bool,
 }
 
-/// What [`eval`] builds: the numbers ([`AffineConv`]) or only the shape ([`Layout`]). Both go
-/// through the same checks, so a block planned on layouts folds the same way on numbers.
+/// What [`eval`] builds: the recipe of the numbers ([`Recipe`]) or only the shape ([`Layout`]).
+/// Both go through the same checks, so a block planned on layouts folds the same way on numbers.
 trait Algebra: Sized {
-    fn conv(index: &GraphIndex, n: usize, rows: &Range<usize>) -> Result<Self, FoldError>;
-    fn identity(channels: usize, group: usize, rank: usize, rows: &Range<usize>) -> Self;
-    fn avg_pool(layout: Layout, rows: &Range<usize>) -> Self;
+    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError>;
+    fn identity(channels: usize, group: usize, rank: usize) -> Self;
+    fn avg_pool(layout: Layout) -> Self;
     fn layout(&self) -> Layout;
     fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError>;
     fn negate(self) -> Self;
@@ -69,13 +63,13 @@ trait Algebra: Sized {
 }
 
 impl Algebra for Layout {
-    fn conv(index: &GraphIndex, n: usize, _rows: &Range<usize>) -> Result<Self, FoldError> {
+    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
         Ok(conv_layout(index, n)?.0)
     }
-    fn identity(channels: usize, group: usize, rank: usize, _rows: &Range<usize>) -> Self {
+    fn identity(channels: usize, group: usize, rank: usize) -> Self {
         Layout::identity(channels, group, rank)
     }
-    fn avg_pool(layout: Layout, _rows: &Range<usize>) -> Self {
+    fn avg_pool(layout: Layout) -> Self {
         layout
     }
     fn layout(&self) -> Layout {
@@ -92,47 +86,8 @@ impl Algebra for Layout {
     }
 }
 
-impl Algebra for AffineConv {
-    fn conv(index: &GraphIndex, n: usize, rows: &Range<usize>) -> Result<Self, FoldError> {
-        conv_term(index, n, rows)
-    }
-    fn identity(channels: usize, group: usize, rank: usize, rows: &Range<usize>) -> Self {
-        AffineConv::identity_rows(channels, group, rank, rows.clone())
-    }
-    fn avg_pool(layout: Layout, rows: &Range<usize>) -> Self {
-        let per_group = layout.in_per_group.max(1);
-        let taps: usize = layout.kernel.iter().product();
-        let mut dims = layout.weight_dims();
-        dims[0] = rows.len();
-        let mut weight = ndarray::ArrayD::zeros(ndarray::IxDyn(&dims));
-        for c in rows.clone() {
-            weight
-                .index_axis_mut(ndarray::Axis(0), c - rows.start)
-                .index_axis_mut(ndarray::Axis(0), c % per_group)
-                .fill(1.0 / taps as f64);
-        }
-        AffineConv {
-            weight,
-            bias: Array1::zeros(rows.len()),
-            geometry: layout.geometry,
-        }
-    }
-    fn layout(&self) -> Layout {
-        AffineConv::layout(self)
-    }
-    fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError> {
-        AffineConv::scale_shift(self, scale, shift)
-    }
-    fn negate(self) -> Self {
-        AffineConv::negate(self)
-    }
-    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError> {
-        AffineConv::sum(parts)
-    }
-}
-
 impl Algebra for Recipe {
-    fn conv(index: &GraphIndex, n: usize, _rows: &Range<usize>) -> Result<Self, FoldError> {
+    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
         let (layout, _) = conv_layout(index, n)?;
         let node = index.node(n);
         let w = index
@@ -151,11 +106,11 @@ impl Algebra for Recipe {
         };
         Ok(Recipe::leaf(layout, Source::Weights(data), 1.0, bias))
     }
-    fn identity(channels: usize, group: usize, rank: usize, _rows: &Range<usize>) -> Self {
+    fn identity(channels: usize, group: usize, rank: usize) -> Self {
         let layout = Layout::identity(channels, group, rank);
         Recipe::leaf(layout, Source::Identity, 1.0, vec![0.0; channels])
     }
-    fn avg_pool(layout: Layout, _rows: &Range<usize>) -> Self {
+    fn avg_pool(layout: Layout) -> Self {
         let taps: usize = layout.kernel.iter().product();
         let zeros = vec![0.0; layout.out_channels];
         Recipe::leaf(layout, Source::Mean, 1.0 / taps.max(1) as f64, zeros)
@@ -175,15 +130,14 @@ impl Algebra for Recipe {
 }
 
 /// The fused Conv's shape and element type, without computing it: all the checks of
-/// [`fold_rows`], but reading only per-channel parameters, never weights.
+/// [`recipe`], but reading only per-channel parameters, never weights.
 pub fn layout(
     index: &GraphIndex,
     block: &Block,
     options: FoldOptions,
 ) -> Result<(Layout, FloatType), FoldError> {
     let (ctx, dtype) = context(index, block)?;
-    let cache = ChannelCache::default();
-    let layout = eval::<Layout>(index, &block.term, &ctx, options, &cache)?;
+    let layout = eval::<Layout>(index, &block.term, &ctx, options)?;
     check_size(index, block, &layout)?;
     Ok((layout, dtype))
 }
@@ -219,33 +173,15 @@ fn check_size(index: &GraphIndex, block: &Block, layout: &Layout) -> Result<(), 
     }
 }
 
-/// Folds only the output channels `rows` (every fold is separable by output channel): a weight
-/// `[rows, C/group, k…]` and bias `[rows]`, so that big blocks fold in small pieces.
-pub fn fold_rows(
-    index: &GraphIndex,
-    block: &Block,
-    options: FoldOptions,
-    rows: Range<usize>,
-    cache: &ChannelCache,
-) -> Result<AffineConv, FoldError> {
-    let (mut ctx, _) = context(index, block)?;
-    if rows.end > ctx.out_channels {
-        return skip(format!("rows {rows:?} of {} channels", ctx.out_channels));
-    }
-    ctx.rows = rows;
-    eval::<AffineConv>(index, &block.term, &ctx, options, cache)
-}
-
 /// The block's fused kernel as a [`Recipe`] over all its output channels (the weights are read
-/// only when its rows are encoded); `cache` keeps the per-channel parameters for later folds.
+/// only when its rows are encoded).
 pub fn recipe(
     index: &GraphIndex,
     block: &Block,
     options: FoldOptions,
-    cache: &ChannelCache,
 ) -> Result<Recipe, FoldError> {
     let (ctx, _) = context(index, block)?;
-    eval::<Recipe>(index, &block.term, &ctx, options, cache)
+    eval::<Recipe>(index, &block.term, &ctx, options)
 }
 
 fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), FoldError> {
@@ -258,35 +194,12 @@ fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), Fo
         out_channels: probe.out_channels,
         group: probe.geometry.group,
         strides: probe.geometry.strides.clone(),
-        rows: 0..probe.out_channels,
     };
     Ok((ctx, dtype))
 }
 
-/// Per-channel scales and shifts of a block's channel nodes, read once per block however many
-/// chunks of output channels are folded.
-#[derive(Debug, Default)]
-pub struct ChannelCache(std::sync::Mutex<HashMap<usize, Arc<ScaleShift>>>);
-
 /// A per-channel scale and shift.
 type ScaleShift = (Vec<f64>, Vec<f64>);
-
-impl ChannelCache {
-    fn get_or_insert(
-        &self,
-        node: usize,
-        compute: impl FnOnce() -> Result<ScaleShift, FoldError>,
-    ) -> Result<Arc<ScaleShift>, FoldError> {
-        if let Some(hit) = self.0.lock().ok().and_then(|m| m.get(&node).cloned()) {
-            return Ok(hit);
-        }
-        let params = Arc::new(compute()?);
-        if let Ok(mut map) = self.0.lock() {
-            map.insert(node, params.clone());
-        }
-        Ok(params)
-    }
-}
 
 /// The full per-channel scale and shift of channel node `node`.
 fn channel_params(
@@ -321,38 +234,28 @@ fn eval<A: Algebra>(
     term: &Term,
     ctx: &Context,
     options: FoldOptions,
-    cache: &ChannelCache,
 ) -> Result<A, FoldError> {
     match term {
-        Term::Conv(n) => A::conv(index, *n, &ctx.rows),
-        Term::AvgPool(n) => Ok(A::avg_pool(avg_pool_layout(index, *n, ctx)?, &ctx.rows)),
+        Term::Conv(n) => A::conv(index, *n),
+        Term::AvgPool(n) => Ok(A::avg_pool(avg_pool_layout(index, *n, ctx)?)),
         Term::Raw(_) => {
             identity_check(ctx, "identity")?;
-            Ok(A::identity(
-                ctx.in_channels,
-                ctx.group,
-                ctx.strides.len(),
-                &ctx.rows,
-            ))
+            Ok(A::identity(ctx.in_channels, ctx.group, ctx.strides.len()))
         }
         Term::Channel { node, op, inner } => {
-            let inner: A = eval(index, inner, ctx, options, cache)?;
+            let inner: A = eval(index, inner, ctx, options)?;
             let layout = inner.layout();
             let (o, rank) = (ctx.out_channels, layout.geometry.rank());
-            let params = cache
-                .get_or_insert(*node, || channel_params(index, *node, op, o, rank, options))?;
-            let (scale, shift) = (&params.0, &params.1);
+            let params = channel_params(index, *node, op, o, rank, options)?;
             let name = index.node(*node).name();
-            let rows = ctx.rows.start.min(scale.len())..ctx.rows.end.min(scale.len());
-            let rows_shift = ctx.rows.start.min(shift.len())..ctx.rows.end.min(shift.len());
             inner
-                .scale_shift(&scale[rows], &shift[rows_shift])
+                .scale_shift(&params.0, &params.1)
                 .map_err(|e| FoldError::Skip(format!("'{name}': {e}")))
         }
         Term::Sum { terms, .. } => {
             let mut parts = Vec::with_capacity(terms.len());
             for (negate, t) in terms {
-                let part: A = eval(index, t, ctx, options, cache)?;
+                let part: A = eval(index, t, ctx, options)?;
                 parts.push(if *negate { part.negate() } else { part });
             }
             A::sum(parts).map_err(|e| FoldError::Skip(e.to_string()))
@@ -533,30 +436,6 @@ fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), Fold
         geometry,
     };
     Ok((layout, dtype))
-}
-
-/// The output channels `rows` of a Conv node as an affine convolution.
-fn conv_term(index: &GraphIndex, i: usize, rows: &Range<usize>) -> Result<AffineConv, FoldError> {
-    let (layout, _) = conv_layout(index, i)?;
-    let node = index.node(i);
-    let w = index
-        .stored_constant(&node.input[1])
-        .ok_or_else(|| FoldError::Skip("weight vanished".into()))?;
-    let selected: Vec<usize> = rows.clone().collect();
-    let weight = tensor::read_f64_rows(&w, &index.model.external, &selected)?;
-    let bias_name = node.input.get(2).filter(|b| !b.is_empty());
-    let bias = match bias_name.and_then(|b| index.constant(b)) {
-        None => Array1::zeros(rows.len()),
-        Some(b) => {
-            let values = tensor::read_f64_rows(&b, &index.model.external, &selected)?;
-            Array1::from_iter(values.iter().copied())
-        }
-    };
-    Ok(AffineConv {
-        weight,
-        bias,
-        geometry: layout.geometry,
-    })
 }
 
 /// Why a value is no constant to fold: generated in bulk, computed at run time, or an input.

@@ -131,12 +131,7 @@ impl BlockPlan {
         let starts: Vec<usize> = (0..self.layout.out_channels)
             .step_by(rows_per_chunk)
             .collect();
-        let recipe = match fold::recipe(
-            index,
-            &self.block,
-            self.options,
-            &fold::ChannelCache::default(),
-        ) {
+        let recipe = match fold::recipe(index, &self.block, self.options) {
             Ok(r) if r.layout.weight_dims() == dims => r,
             Ok(_) => {
                 return Err(crate::Error::Graph(format!(

@@ -239,3 +239,170 @@ impl Rounding {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The recipe against [`AffineConv`], the same algebra on dense numbers (itself checked
+    //! against a direct convolution): same branches, same operations, same fused kernel.
+    use ndarray::{Array1, ArrayD, IxDyn};
+
+    use super::*;
+    use crate::affine::{AffineConv, Geometry};
+
+    fn geometry(pads: &[usize], dilations: &[usize], group: usize) -> Geometry {
+        Geometry {
+            strides: vec![1; pads.len()],
+            dilations: dilations.to_vec(),
+            pads_begin: pads.to_vec(),
+            pads_end: pads.to_vec(),
+            group,
+        }
+    }
+
+    /// The same random branch both ways.
+    fn branch(
+        o: usize,
+        per_group: usize,
+        kernel: &[usize],
+        g: Geometry,
+        seed: u64,
+    ) -> (AffineConv, Recipe) {
+        let mut dims = vec![o, per_group];
+        dims.extend(kernel);
+        let n: usize = dims.iter().product();
+        let mut state = seed * 2654435761 + 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let values: Vec<f64> = (0..n).map(|_| next()).collect();
+        let bias: Vec<f64> = (0..o).map(|_| next()).collect();
+        let affine = AffineConv {
+            weight: ArrayD::from_shape_vec(IxDyn(&dims), values.clone()).unwrap(),
+            bias: Array1::from(bias.clone()),
+            geometry: g,
+        };
+        let source = Source::Weights(Data::Values(values.into()));
+        let recipe = Recipe::leaf(affine.layout(), source, 1.0, bias);
+        (affine, recipe)
+    }
+
+    fn params(o: usize, seed: f64) -> (Vec<f64>, Vec<f64>) {
+        let scale = (0..o).map(|c| 0.5 + seed + c as f64 * 0.1).collect();
+        let shift = (0..o).map(|c| seed - c as f64 * 0.01).collect();
+        (scale, shift)
+    }
+
+    /// Asserts the recipe writes the affine convolution's weights and bias.
+    fn assert_same(recipe: &Recipe, affine: &AffineConv) {
+        assert_eq!(recipe.layout, affine.layout());
+        let mut bytes = Vec::new();
+        let (mut acc, mut scratch) = (Vec::new(), Vec::new());
+        let o = recipe.layout.out_channels;
+        recipe.encode_rows(0..o, FloatType::F64, &mut bytes, &mut acc, &mut scratch);
+        let got = tensor::decode(&bytes, FloatType::F64);
+        let want = affine.weight.as_standard_layout();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want.iter()) {
+            assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "{g} != {w}");
+        }
+        for (g, w) in recipe.bias.iter().zip(affine.bias.iter()) {
+            assert!((g - w).abs() <= 1e-12 * (1.0 + w.abs()), "bias {g} != {w}");
+        }
+    }
+
+    #[test]
+    fn repvgg_block_with_groups() {
+        let (o, group) = (8, 2);
+        let (a3, r3) = branch(o, 4, &[3, 3], geometry(&[1, 1], &[1, 1], group), 1);
+        let (a1, r1) = branch(o, 4, &[1, 1], geometry(&[0, 0], &[1, 1], group), 2);
+        let (s3, t3) = params(o, 0.1);
+        let (s1, t1) = params(o, 0.2);
+        let (si, ti) = params(o, 0.3);
+        let ai = AffineConv::identity(o, group, 2);
+        let ri = Recipe::leaf(
+            Layout::identity(o, group, 2),
+            Source::Identity,
+            1.0,
+            vec![0.0; o],
+        );
+        let affine = AffineConv::sum(vec![
+            a3.scale_shift(&s3, &t3).unwrap(),
+            a1.scale_shift(&s1, &t1).unwrap(),
+            ai.scale_shift(&si, &ti).unwrap(),
+        ])
+        .unwrap();
+        let recipe = Recipe::sum(vec![
+            r1.scale_shift(&s1, &t1).unwrap(),
+            r3.scale_shift(&s3, &t3).unwrap(),
+            ri.scale_shift(&si, &ti).unwrap(),
+        ])
+        .unwrap();
+        assert_same(&recipe, &affine);
+    }
+
+    #[test]
+    fn dilated_and_asymmetric_branches_spread_and_shift() {
+        let o = 3;
+        let (a, ra) = branch(o, 2, &[3, 3], geometry(&[2, 2], &[2, 2], 1), 3);
+        let (b, rb) = branch(o, 2, &[3, 3], geometry(&[1, 1], &[1, 1], 1), 4);
+        let mut row = geometry(&[0, 1], &[1, 1], 1);
+        row.pads_end = vec![0, 1];
+        let (c, rc) = branch(o, 2, &[1, 3], row, 5);
+        let mut wide = geometry(&[2, 0], &[2, 1], 1);
+        wide.pads_end = vec![2, 0];
+        let (d, rd) = branch(o, 2, &[3, 1], wide, 6);
+        let affine = AffineConv::sum(vec![a, b.negate(), c, d]).unwrap();
+        let recipe = Recipe::sum(vec![ra, rb.negate(), rc, rd]).unwrap();
+        assert_eq!(affine.kernel(), &[5, 5]);
+        assert_same(&recipe, &affine);
+    }
+
+    #[test]
+    fn nested_sums_and_averages() {
+        let o = 4;
+        let (a, ra) = branch(o, 4, &[3, 3], geometry(&[1, 1], &[1, 1], 1), 7);
+        let (b, rb) = branch(o, 4, &[1, 1], geometry(&[0, 0], &[1, 1], 1), 8);
+        let layout = Layout {
+            out_channels: o,
+            in_per_group: o,
+            kernel: vec![3, 3],
+            geometry: geometry(&[1, 1], &[1, 1], 1),
+        };
+        let mut mean = ArrayD::zeros(IxDyn(&[o, o, 3, 3]));
+        for c in 0..o {
+            mean.slice_mut(ndarray::s![c, c, .., ..]).fill(1.0 / 9.0);
+        }
+        let am = AffineConv {
+            weight: mean,
+            bias: Array1::zeros(o),
+            geometry: layout.geometry.clone(),
+        };
+        let rm = Recipe::leaf(layout, Source::Mean, 1.0 / 9.0, vec![0.0; o]);
+        let (s, t) = params(o, 0.4);
+        let inner = AffineConv::sum(vec![b, am])
+            .unwrap()
+            .scale_shift(&s, &t)
+            .unwrap();
+        let affine = AffineConv::sum(vec![inner, a]).unwrap();
+        let inner = Recipe::sum(vec![rb, rm])
+            .unwrap()
+            .scale_shift(&s, &t)
+            .unwrap();
+        let recipe = Recipe::sum(vec![inner, ra]).unwrap();
+        assert_same(&recipe, &affine);
+    }
+
+    #[test]
+    fn half_precision_reports_its_rounding() {
+        let (_, r) = branch(2, 3, &[3, 3], geometry(&[1, 1], &[1, 1], 1), 9);
+        let mut bytes = Vec::new();
+        let (mut acc, mut scratch) = (Vec::new(), Vec::new());
+        let rounding = r.encode_rows(0..2, FloatType::F16, &mut bytes, &mut acc, &mut scratch);
+        assert_eq!(bytes.len(), 2 * 27 * 2);
+        assert!(rounding.largest > 0.1 && rounding.largest <= 0.5);
+        assert!(rounding.rounded > 0.0 && rounding.rounded < 1e-3);
+    }
+}
