@@ -171,34 +171,30 @@ pub fn run(args: Args) -> Result<()> {
                 return emit(&text);
             }
             let batch = jobs.len() > 1 || jobs.iter().any(|j| j.batch);
-            let results: Vec<(Job, Result<FuseReport>)> = {
-                use rayon::prelude::*;
-                jobs.into_par_iter()
-                    .map(|job| {
-                        let bar = progress_bar(quiet || json || batch, &job.input);
-                        let tick = |done: usize, total: usize| {
-                            if let Some(bar) = &bar {
-                                bar.set_length(total as u64);
-                                bar.set_position(done as u64);
-                            }
-                        };
-                        let report = match dry_run {
-                            true => onnx_repvgg::dry_run_file(&job.input, options),
-                            false => onnx_repvgg::fuse_file_with_progress(
-                                &job.input,
-                                &job.output,
-                                options,
-                                &tick,
-                            ),
-                        }
-                        .map_err(anyhow::Error::from);
-                        if let Some(bar) = bar {
-                            bar.finish_and_clear();
-                        }
-                        (job, report)
-                    })
-                    .collect()
+            let fuse_one = |job: &Job| {
+                let bar = progress_bar(quiet || json || batch, &job.input);
+                let tick = |done: usize, total: usize| {
+                    if let Some(bar) = &bar {
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                    }
+                };
+                let report = match dry_run {
+                    true => onnx_repvgg::dry_run_file(&job.input, options),
+                    false => onnx_repvgg::fuse_file_with_progress(
+                        &job.input,
+                        &job.output,
+                        options,
+                        &tick,
+                    ),
+                }
+                .map_err(anyhow::Error::from);
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
+                report
             };
+            let results = run_all(jobs, fuse_one);
             let mut failed = 0;
             let mut reports = Vec::new();
             for (job, result) in results {
@@ -468,6 +464,35 @@ fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
         onnx_repvgg::onnx::output::write_bytes(&job.output, &model, options.sync)?;
     }
     Ok(report)
+}
+
+/// Runs `work` on every job, as many at a time as there are cores, and returns the results in
+/// the jobs' order. Plain threads, not rayon's: a fusion waits on its writer and checker, and a
+/// rayon worker that waits cannot lend itself to the folds those wait for.
+fn run_all<T: Send>(
+    jobs: Vec<Job>,
+    work: impl Fn(&Job) -> Result<T> + Sync,
+) -> Vec<(Job, Result<T>)> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queue = std::sync::Mutex::new(jobs.into_iter().enumerate());
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..cores {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some((i, job)) = next else { break };
+                    let result = work(&job);
+                    if let Ok(mut done) = done.lock() {
+                        done.push((i, job, result));
+                    }
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_default();
+    done.sort_by_key(|(i, _, _)| *i);
+    done.into_iter().map(|(_, job, r)| (job, r)).collect()
 }
 
 /// A progress bar on stderr for long runs, when it is a terminal.
