@@ -238,8 +238,7 @@ impl Buffers {
             .unwrap_or_default()
     }
 
-    fn give(&self, mut buffer: Vec<u8>) {
-        buffer.clear();
+    fn give(&self, buffer: Vec<u8>) {
         if let Ok(mut b) = self.0.lock() {
             b.push(buffer);
         }
@@ -248,6 +247,8 @@ impl Buffers {
 
 impl Chunk {
     fn encode(recipe: &Recipe, rows: Range<usize>, ty: FloatType, mut encoded: Vec<u8>) -> Chunk {
+        // A recycled buffer already has the length (but for a block's last chunk): no zeroing.
+        encoded.resize(rows.len() * recipe.row_len() * ty.size(), 0);
         let rounding = ROWS.with_borrow_mut(|(acc, scratch)| {
             recipe.encode_rows(rows.clone(), ty, &mut encoded, acc, scratch)
         });
@@ -259,30 +260,36 @@ impl Chunk {
     }
 }
 
-/// Memory folding the plans takes beyond the mapped files: the chunks in flight (folded in f64,
-/// a few arrays each) and, for tensors stored as typed fields rather than raw bytes, their
-/// values decoded whole — for the largest block, since blocks are written one at a time.
+/// Memory folding the plans takes beyond the mapped files, for the hungriest block (blocks are
+/// written one at a time, and checked one behind): the encoded chunks in flight (up to three
+/// windows), each folding thread's row buffers, the checked rows of up to three blocks and, for
+/// tensors stored as typed fields rather than raw bytes, their values decoded whole.
 pub fn working_memory(index: &GraphIndex, plans: &[BlockPlan]) -> u64 {
-    let in_flight = 3 * rayon::current_num_threads() as u64 * CHUNK_ELEMENTS as u64 * 8 * 6;
-    let typed = plans
-        .iter()
-        .map(|p| {
-            p.block
-                .nodes()
-                .iter()
-                .flat_map(|&n| &index.node(n).input)
-                .filter_map(|v| index.declared_tensor(v))
-                .filter(|t| t.raw_data.is_none() && !crate::onnx::external::is_external(t))
-                .map(|t| {
-                    t.dims
-                        .iter()
-                        .fold(8u64, |n, &d| n.saturating_mul(d.max(0) as u64))
-                })
-                .fold(0u64, u64::saturating_add)
-        })
-        .max()
-        .unwrap_or(0);
-    in_flight + typed
+    let threads = rayon::current_num_threads() as u64;
+    let block = |p: &BlockPlan| {
+        let row = p.layout.weight_dims()[1..].iter().product::<usize>() as u64;
+        let chunk = row.max(CHUNK_ELEMENTS as u64) * p.dtype.size() as u64;
+        let in_flight = 3 * 2 * threads * chunk;
+        let rows = threads * 2 * row * 8;
+        let checked = 3 * crate::verify::sample(p).len() as u64 * row * 8;
+        let typed = p
+            .block
+            .nodes()
+            .iter()
+            .flat_map(|&n| &index.node(n).input)
+            .filter_map(|v| index.declared_tensor(v))
+            .filter(|t| t.raw_data.is_none() && !crate::onnx::external::is_external(t))
+            .map(|t| {
+                t.dims
+                    .iter()
+                    .fold(8u64, |n, &d| n.saturating_mul(d.max(0) as u64))
+            })
+            .fold(0u64, u64::saturating_add);
+        [in_flight, rows, checked, typed]
+            .into_iter()
+            .fold(0u64, u64::saturating_add)
+    };
+    plans.iter().map(block).max().unwrap_or(0)
 }
 
 /// BatchNormalization nodes in training mode among the planned blocks.

@@ -138,20 +138,21 @@ impl Recipe {
         self.layout.in_per_group * self.layout.kernel.iter().product::<usize>()
     }
 
-    /// Computes output channels `rows` in f64 and appends them to `out` encoded as `ty`; `acc`
-    /// and `scratch` are reused buffers.
+    /// Computes output channels `rows` in f64 and encodes them as `ty` into `out` (exactly
+    /// `rows` × [`Recipe::row_len`] values long); `acc` and `scratch` are reused buffers.
     pub fn encode_rows(
         &self,
         rows: Range<usize>,
         ty: FloatType,
-        out: &mut Vec<u8>,
+        out: &mut [u8],
         acc: &mut Vec<f64>,
         scratch: &mut Vec<f64>,
     ) -> Rounding {
         let mut rounding = Rounding::default();
-        for o in rows {
+        let row_bytes = self.row_len() * ty.size();
+        for (o, out) in rows.zip(out.chunks_exact_mut(row_bytes.max(1))) {
             self.row(o, acc, scratch);
-            tensor::encode_into(acc, ty, out);
+            tensor::encode_to(acc, ty, out);
             if matches!(ty, FloatType::F16 | FloatType::Bf16) {
                 rounding.merge(ty, acc);
                 rounding.merge(ty, &self.bias[o..=o]);
@@ -164,25 +165,26 @@ impl Recipe {
     fn row(&self, o: usize, acc: &mut Vec<f64>, scratch: &mut Vec<f64>) {
         let plane: usize = self.layout.kernel.iter().product();
         let in_pg = self.layout.in_per_group;
-        acc.clear();
         let len = in_pg * plane;
+        // Rows of a block are all this long: after the first, neither resize writes anything.
+        acc.resize(len, 0.0);
         let mut parts = self.parts.iter().peekable();
         match parts.peek() {
             Some(p) if covers(p, plane) => {
                 if let Source::Weights(data) = &p.source {
-                    data.extend_scaled(o * len..(o + 1) * len, p.factor[o], acc);
+                    data.read_scaled(o * len..(o + 1) * len, p.factor[o], acc);
                 }
                 parts.next();
             }
-            _ => acc.resize(len, 0.0),
+            _ => acc.fill(0.0),
         }
         for part in parts {
             let f = part.factor[o];
             match &part.source {
                 Source::Weights(data) => {
                     let len = in_pg * part.taps.len();
-                    scratch.clear();
-                    data.extend_scaled(o * len..(o + 1) * len, f, scratch);
+                    scratch.resize(len, 0.0);
+                    data.read_scaled(o * len..(o + 1) * len, f, scratch);
                     let planes = acc.chunks_exact_mut(plane);
                     for (dst, src) in planes.zip(scratch.chunks_exact(part.taps.len())) {
                         for (&tap, &v) in part.taps.iter().zip(src) {
@@ -298,9 +300,9 @@ mod tests {
     /// Asserts the recipe writes the affine convolution's weights and bias.
     fn assert_same(recipe: &Recipe, affine: &AffineConv) {
         assert_eq!(recipe.layout, affine.layout());
-        let mut bytes = Vec::new();
-        let (mut acc, mut scratch) = (Vec::new(), Vec::new());
         let o = recipe.layout.out_channels;
+        let mut bytes = vec![0; o * recipe.row_len() * 8];
+        let (mut acc, mut scratch) = (Vec::new(), Vec::new());
         recipe.encode_rows(0..o, FloatType::F64, &mut bytes, &mut acc, &mut scratch);
         let got = tensor::decode(&bytes, FloatType::F64);
         let want = affine.weight.as_standard_layout();
@@ -398,7 +400,7 @@ mod tests {
     #[test]
     fn half_precision_reports_its_rounding() {
         let (_, r) = branch(2, 3, &[3, 3], geometry(&[1, 1], &[1, 1], 1), 9);
-        let mut bytes = Vec::new();
+        let mut bytes = vec![0; 2 * 27 * 2];
         let (mut acc, mut scratch) = (Vec::new(), Vec::new());
         let rounding = r.encode_rows(0..2, FloatType::F16, &mut bytes, &mut acc, &mut scratch);
         assert_eq!(bytes.len(), 2 * 27 * 2);

@@ -174,14 +174,17 @@ pub enum Data {
 }
 
 impl Data {
-    /// Appends `range` of the values, times `factor`, as f64 to `into`.
-    pub fn extend_scaled(&self, range: std::ops::Range<usize>, factor: f64, into: &mut Vec<f64>) {
+    /// Values `range`, times `factor`, into `out` (exactly as long).
+    pub fn read_scaled(&self, range: std::ops::Range<usize>, factor: f64, out: &mut [f64]) {
         match self {
             Data::Raw(bytes, ty) => {
                 let bytes = &bytes[range.start * ty.size()..range.end * ty.size()];
-                decode_scaled_into(bytes, *ty, factor, into)
+                decode_scaled(bytes, *ty, factor, out)
             }
-            Data::Values(values) => into.extend(values[range].iter().map(|v| v * factor)),
+            Data::Values(values) => {
+                let slots = out.iter_mut().zip(&values[range]);
+                slots.for_each(|(d, v)| *d = v * factor);
+            }
         }
     }
 }
@@ -371,11 +374,16 @@ pub fn to_le_bytes(values: &ArrayD<f64>, ty: FloatType) -> Vec<u8> {
 
 /// [`to_le_bytes`], appending to `out`.
 pub fn encode_into(values: &[f64], ty: FloatType, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + values.len() * ty.size(), 0);
+    encode_to(values, ty, &mut out[start..]);
+}
+
+/// [`to_le_bytes`] into `out` (exactly as long).
+pub fn encode_to(values: &[f64], ty: FloatType, out: &mut [u8]) {
     /// Each value into its own `N` bytes (a constant width, so each copy is a plain store).
-    fn fill<const N: usize>(out: &mut Vec<u8>, values: &[f64], encode: impl Fn(f64) -> [u8; N]) {
-        let start = out.len();
-        out.resize(start + values.len() * N, 0);
-        let slots = out[start..].chunks_exact_mut(N).zip(values);
+    fn fill<const N: usize>(out: &mut [u8], values: &[f64], encode: impl Fn(f64) -> [u8; N]) {
+        let slots = out.chunks_exact_mut(N).zip(values);
         slots.for_each(|(d, &v)| d.copy_from_slice(&encode(v)));
     }
     match ty {
@@ -393,22 +401,18 @@ pub fn decode(bytes: &[u8], ty: FloatType) -> Vec<f64> {
     values
 }
 
-/// [`decode`] times `factor`, appending to `values` (one pass, for the fold's hot loop).
-pub fn decode_scaled_into(bytes: &[u8], ty: FloatType, factor: f64, values: &mut Vec<f64>) {
-    let start = values.len();
+/// [`decode`] times `factor`, into `out` (one pass over slices of one length, which the compiler
+/// vectorizes: the fold's hot loop).
+pub fn decode_scaled(bytes: &[u8], ty: FloatType, factor: f64, out: &mut [f64]) {
+    fn each<const N: usize>(bytes: &[u8], out: &mut [f64], value: impl Fn([u8; N]) -> f64) {
+        let slots = out.iter_mut().zip(bytes.chunks_exact(N));
+        slots.for_each(|(d, c)| *d = value(c.try_into().unwrap_or([0; N])));
+    }
     match ty {
-        // Sized first, then filled element by element: a loop the compiler vectorizes.
-        FloatType::F32 => {
-            values.resize(start + bytes.len() / 4, 0.0);
-            let slots = values[start..].iter_mut().zip(bytes.chunks_exact(4));
-            slots.for_each(|(d, c)| {
-                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 * factor
-            });
-        }
-        _ => {
-            decode_into(bytes, ty, values);
-            values[start..].iter_mut().for_each(|v| *v *= factor);
-        }
+        FloatType::F32 => each(bytes, out, |b| f32::from_le_bytes(b) as f64 * factor),
+        FloatType::F64 => each(bytes, out, |b| f64::from_le_bytes(b) * factor),
+        FloatType::F16 => each(bytes, out, |b| f16::from_le_bytes(b).to_f64() * factor),
+        FloatType::Bf16 => each(bytes, out, |b| bf16::from_le_bytes(b).to_f64() * factor),
     }
 }
 
