@@ -106,7 +106,7 @@ pub struct Produced {
 /// Bytes of weights folded between two releases of the input's mapped pages.
 const RELEASE_BYTES: usize = 64 << 20;
 
-/// Output channels folded at a time: about 512 KB of f64 weights.
+/// Weights folded at a time (whole output channels, at least one): 256 KB as float32.
 const CHUNK_ELEMENTS: usize = 1 << 16;
 
 impl BlockPlan {
