@@ -90,12 +90,30 @@ pub fn check_block(
     let group = attr::int(fused.node, "group").unwrap_or(1).max(1) as usize;
     let kernel = &dims[2..];
     let dilations = ints_or(fused.node, "dilations", 1, kernel.len());
-    // As wide as the dilated kernel: with padding, every output position sees a different mix
-    // of border and data (corners, edges, centre).
+    let strides = ints_or(fused.node, "strides", 1, kernel.len());
+    let pads = attr::ints(fused.node, "pads").filter(|p| p.len() == 2 * kernel.len());
+    let explicit = attr::string(fused.node, "auto_pad").is_none_or(|a| a == "NOTSET");
+    // As wide as the dilated kernel, with padding every output position sees a different mix of
+    // border and data (corners, edges, centre); narrower when that still puts every tap on data
+    // at some position and on the border at another (a 3x3 with pad 1: 2x2 instead of 3x3, a
+    // third of the work).
     let spatial: Vec<usize> = (0..kernel.len())
         .map(|a| {
             let d = dilations.get(a).copied().unwrap_or(1);
-            d.checked_mul(kernel[a].saturating_sub(1))?.checked_add(1)
+            let extent = d.checked_mul(kernel[a].saturating_sub(1))?.checked_add(1)?;
+            let geometry = Axis1 {
+                taps: kernel[a],
+                dilation: d,
+                stride: strides.get(a).copied().unwrap_or(1).max(1),
+                begin: pads.as_ref().map_or(0, |p| p[a].max(0) as usize),
+                end: pads
+                    .as_ref()
+                    .map_or(0, |p| p[a + kernel.len()].max(0) as usize),
+            };
+            Some(match explicit {
+                true => geometry.narrowest(extent),
+                false => extent,
+            })
         })
         .collect::<Option<_>>()
         .ok_or("the dilated kernel is too large to check")?;
@@ -146,6 +164,48 @@ pub fn check_block(
         abs,
         rel: if scale > 0.0 { abs / scale } else { abs },
     })
+}
+
+/// One spatial axis of a convolution, to size the check's input.
+struct Axis1 {
+    taps: usize,
+    dilation: usize,
+    stride: usize,
+    begin: usize,
+    end: usize,
+}
+
+impl Axis1 {
+    /// For an input `n` wide: per tap, whether it reads data at some output position and
+    /// whether it reads the border at some position (`None`: no output at all).
+    fn coverage(&self, n: usize) -> Option<Vec<(bool, bool)>> {
+        let span = self.dilation.checked_mul(self.taps.saturating_sub(1))?;
+        let padded = n.checked_add(self.begin)?.checked_add(self.end)?;
+        let outputs = padded.checked_sub(span + 1)? / self.stride + 1;
+        let taps = (0..self.taps).map(|t| {
+            let read = (0..outputs).map(|p| (p * self.stride + t * self.dilation) as i128);
+            let inside = |i: i128| (self.begin as i128..(self.begin + n) as i128).contains(&i);
+            let (mut data, mut border) = (false, false);
+            for i in read {
+                (data, border) = (data || inside(i), border || !inside(i));
+            }
+            (data, border)
+        });
+        Some(taps.collect())
+    }
+
+    /// The narrowest input (at most `extent`) whose taps meet data and border as at `extent`;
+    /// `extent` itself for large kernels or pads wider than the kernel (hostile geometry, which
+    /// the check's own limits deal with).
+    fn narrowest(&self, extent: usize) -> usize {
+        if extent > 64 || self.begin >= extent || self.end >= extent {
+            return extent;
+        }
+        let want = self.coverage(extent);
+        (1..extent)
+            .find(|&n| want.is_some() && self.coverage(n) == want)
+            .unwrap_or(extent)
+    }
 }
 
 fn ints_or(node: &NodeProto, name: &str, default: usize, rank: usize) -> Vec<usize> {
@@ -736,4 +796,41 @@ pub fn check(
         )));
     }
     Ok(deviation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_input_is_as_narrow_as_full_coverage_allows() {
+        let axis = |taps, dilation, stride, begin, end| Axis1 {
+            taps,
+            dilation,
+            stride,
+            begin,
+            end,
+        };
+        // 3x3 pad 1: 2 wide already puts every tap on data and on the border.
+        assert_eq!(axis(3, 1, 1, 1, 1).narrowest(3), 2);
+        // Stride 2: at 2 wide the middle tap would meet the border it never meets at 3.
+        assert_eq!(axis(3, 1, 2, 1, 1).narrowest(3), 3);
+        assert_eq!(axis(5, 1, 1, 2, 2).narrowest(5), 3);
+        assert_eq!(axis(3, 2, 1, 2, 2).narrowest(5), 3);
+        assert_eq!(axis(1, 1, 1, 0, 0).narrowest(1), 1);
+        // No padding: the input must hold the whole kernel.
+        assert_eq!(axis(3, 1, 1, 0, 0).narrowest(3), 3);
+        // Two outputs: the corner taps meet data at one and the border at the other; the centre
+        // tap meets data only, as it does at 3 wide.
+        let corners = (true, true);
+        let centre = (true, false);
+        assert_eq!(
+            axis(3, 1, 1, 1, 1).coverage(2),
+            Some(vec![corners, centre, corners])
+        );
+        assert_eq!(
+            axis(3, 1, 1, 1, 1).coverage(1).map(|c| c[0]),
+            Some((false, true))
+        );
+    }
 }
