@@ -6,8 +6,8 @@
 //! direct convolution over an index table, in f64.
 //!
 //! To stay cheap on wide blocks, the comparison covers a seeded sample of output channels (all of
-//! them up to [`CHANNELS`]) over every input channel, on a seeded random input as wide as the
-//! kernel, so that every tap meets both padding and data.
+//! them up to [`CHANNELS`]) over every input channel, on a seeded random input just wide enough
+//! that every tap meets data at some output and padding at another, as at the kernel's width.
 
 use std::collections::HashMap;
 
