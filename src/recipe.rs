@@ -150,8 +150,14 @@ impl Recipe {
     ) -> Rounding {
         let mut rounding = Rounding::default();
         let row_bytes = self.row_len() * ty.size();
+        let plane: usize = self.layout.kernel.iter().product();
+        // The first part starts each row when it covers the whole kernel (see `sum`).
+        let (start, rest) = match self.parts.split_first() {
+            Some((first, rest)) if covers(first, plane) => (Some(first), rest),
+            _ => (None, &self.parts[..]),
+        };
         for (o, out) in rows.zip(out.chunks_exact_mut(row_bytes.max(1))) {
-            self.row(o, acc, scratch);
+            self.row(o, plane, start, rest, acc, scratch);
             tensor::encode_to(acc, ty, out);
             if matches!(ty, FloatType::F16 | FloatType::Bf16) {
                 rounding.merge(ty, acc);
@@ -161,24 +167,26 @@ impl Recipe {
         rounding
     }
 
-    /// Output channel `o` of the fused kernel, into `acc`.
-    fn row(&self, o: usize, acc: &mut Vec<f64>, scratch: &mut Vec<f64>) {
-        let plane: usize = self.layout.kernel.iter().product();
+    /// Output channel `o` of the fused kernel, into `acc`: `start` (a part covering the whole
+    /// kernel) written, or zeros, then the `rest` added at their taps.
+    fn row(
+        &self,
+        o: usize,
+        plane: usize,
+        start: Option<&Part>,
+        rest: &[Part],
+        acc: &mut Vec<f64>,
+        scratch: &mut Vec<f64>,
+    ) {
         let in_pg = self.layout.in_per_group;
         let len = in_pg * plane;
         // Rows of a block are all this long: after the first, neither resize writes anything.
         acc.resize(len, 0.0);
-        let mut parts = self.parts.iter().peekable();
-        match parts.peek() {
-            Some(p) if covers(p, plane) => {
-                if let Source::Weights(data) = &p.source {
-                    data.read_scaled(o * len..(o + 1) * len, p.factor[o], acc);
-                }
-                parts.next();
-            }
+        match start.map(|p| (&p.source, p.factor[o])) {
+            Some((Source::Weights(data), f)) => data.read_scaled(o * len..(o + 1) * len, f, acc),
             _ => acc.fill(0.0),
         }
-        for part in parts {
+        for part in rest {
             let f = part.factor[o];
             match &part.source {
                 Source::Weights(data) => {
@@ -403,7 +411,9 @@ mod tests {
         let mut bytes = vec![0; 2 * 27 * 2];
         let (mut acc, mut scratch) = (Vec::new(), Vec::new());
         let rounding = r.encode_rows(0..2, FloatType::F16, &mut bytes, &mut acc, &mut scratch);
-        assert_eq!(bytes.len(), 2 * 27 * 2);
+        // The buffer started as zeros: every weight was written.
+        let written = tensor::decode(&bytes, FloatType::F16);
+        assert!(written.iter().all(|&v| v != 0.0), "{written:?}");
         assert!(rounding.largest > 0.1 && rounding.largest <= 0.5);
         assert!(rounding.rounded > 0.0 && rounding.rounded < 1e-3);
     }

@@ -183,32 +183,18 @@ fn the_binary_exits_cleanly() {
         let name = name(&path);
         let bytes = std::fs::read(&path).unwrap();
         let models = tempfile::tempdir().unwrap();
-        let input = models.path().join(&name);
-        std::fs::write(&input, &bytes).unwrap();
-        let out_dir = tempfile::tempdir().unwrap();
-        let output = out_dir.path().join("deploy.onnx");
-        let o = common::fuse(&input, &output, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        let left: Vec<PathBuf> = std::fs::read_dir(out_dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        match o.status.code() {
+        let run = common::fuse_fresh(models.path(), &name, &bytes);
+        let (input, err) = (&run.input, &run.stderr);
+        match run.out.status.code() {
             Some(0) => {
-                assert!(output.is_file(), "{name}: exit 0 without an output");
+                assert!(run.output.is_file(), "{name}: exit 0 without an output");
                 assert!(
                     !matches!(expected(&name), Some(Expect::Error(_))),
                     "{name}: expected an error, exit 0"
                 );
             }
             Some(1) => {
-                assert_eq!(err.lines().count(), 1, "{name}: {err}");
-                assert!(
-                    err.starts_with(&format!("onnx-repvgg: {}: ", input.display())),
-                    "{name}: {err}"
-                );
-                assert!(o.stdout.is_empty(), "{name}");
-                assert!(left.is_empty(), "{name}: left {left:?}");
+                run.assert_clean_failure(&name);
                 match expected(&name) {
                     Some(Expect::Error(needle)) => {
                         assert!(err.contains(needle), "{name}: '{needle}' not in {err}")
@@ -220,7 +206,7 @@ fn the_binary_exits_cleanly() {
             code => panic!("{name}: fuse exited with {code:?} (a panic is 101): {err}"),
         }
         assert_eq!(
-            std::fs::read(&input).unwrap(),
+            std::fs::read(input).unwrap(),
             bytes,
             "{name}: input changed"
         );

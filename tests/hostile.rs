@@ -206,26 +206,11 @@ fn every_class_of_bad_input_fails_cleanly() {
     let cases = cases(models.path());
     assert!(cases.len() >= 25);
     for (name, bytes, needle) in cases {
-        let input = models.path().join(&name);
-        std::fs::write(&input, &bytes).unwrap();
-        let out_dir = tempfile::tempdir().unwrap();
-        let output = out_dir.path().join("deploy.onnx");
-        let o = common::fuse(&input, &output, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
-        assert_eq!(err.lines().count(), 1, "{name}: {err}");
-        assert!(
-            err.starts_with(&format!("onnx-repvgg: {}: ", input.display())),
-            "{name}: {err}"
-        );
+        let run = common::fuse_fresh(models.path(), &name, &bytes);
+        run.assert_clean_failure(&name);
+        let err = &run.stderr;
         assert!(err.contains(needle), "{name}: '{needle}' not in {err}");
-        assert!(o.stdout.is_empty(), "{name}");
-        let left: Vec<PathBuf> = std::fs::read_dir(out_dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert!(left.is_empty(), "{name}: left {left:?}");
-        assert_eq!(digest(&input), bytes, "{name}: input changed");
+        assert_eq!(digest(&run.input), bytes, "{name}: input changed");
     }
 }
 

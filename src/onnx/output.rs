@@ -98,12 +98,14 @@ pub fn write_with(
     };
     fill(&mut model_sink, sidecar_sink.as_mut())?;
     drop((model_sink, sidecar_sink));
-    let written = sidecar_tmp
-        .iter()
-        .zip(sidecar)
-        .chain([(&model_tmp, output)]);
-    for (tmp, path) in written.filter(|_| sync) {
-        tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
+    if sync {
+        let written = sidecar_tmp
+            .iter()
+            .zip(sidecar)
+            .chain([(&model_tmp, output)]);
+        for (tmp, path) in written {
+            tmp.as_file().sync_data().map_err(|e| Error::io(path, e))?;
+        }
     }
     if let (Some(tmp), Some(path)) = (sidecar_tmp, sidecar) {
         tmp.persist(path).map_err(|e| Error::io(path, e.error))?;

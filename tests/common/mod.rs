@@ -126,6 +126,53 @@ pub fn fuse(input: &Path, output: &Path, extra: &[&str]) -> Output {
     bin(&args)
 }
 
+/// `fuse` of `bytes` saved as `dir/name` into a fresh, empty folder.
+pub struct FreshRun {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub out: Output,
+    pub stderr: String,
+    /// What the run left in the output folder.
+    pub left: Vec<PathBuf>,
+    /// Keeps the output folder while the run is looked at.
+    _out_dir: tempfile::TempDir,
+}
+
+impl FreshRun {
+    /// Asserts the failure a user should see: exit 1, one line on stderr that names the input,
+    /// nothing on stdout, nothing left behind.
+    pub fn assert_clean_failure(&self, name: &str) {
+        let err = &self.stderr;
+        assert_eq!(self.out.status.code(), Some(1), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        let prefix = format!("onnx-repvgg: {}: ", self.input.display());
+        assert!(err.starts_with(&prefix), "{name}: {err}");
+        assert!(self.out.stdout.is_empty(), "{name}");
+        assert!(self.left.is_empty(), "{name}: left {:?}", self.left);
+    }
+}
+
+pub fn fuse_fresh(dir: &Path, name: &str, bytes: &[u8]) -> FreshRun {
+    let input = dir.join(name);
+    std::fs::write(&input, bytes).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let output = out_dir.path().join("deploy.onnx");
+    let out = fuse(&input, &output, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let left = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    FreshRun {
+        input,
+        output,
+        out,
+        stderr,
+        left,
+        _out_dir: out_dir,
+    }
+}
+
 /// Op type histogram of a model file, read with tract's own protobuf types.
 pub fn op_histogram(path: &Path) -> BTreeMap<String, usize> {
     let model = tract_onnx::onnx()
