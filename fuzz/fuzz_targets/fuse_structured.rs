@@ -13,6 +13,7 @@
 use arbitrary::Arbitrary;
 use half::{bf16, f16};
 use libfuzzer_sys::fuzz_target;
+use onnx_repvgg::onnx::attr;
 use onnx_repvgg::onnx::proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
@@ -367,24 +368,6 @@ struct Model {
     rank: usize,
 }
 
-fn attr_ints(name: &str, v: Vec<i64>) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(7),
-        ints: v,
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(2),
-        i: Some(v),
-        ..Default::default()
-    }
-}
-
 fn attr_float(name: &str, v: f32) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -406,13 +389,10 @@ fn attr_string(name: &str, v: &str) -> AttributeProto {
 fn ints_attr(out: &mut Vec<AttributeProto>, name: &str, spec: &Ints, rank: usize) {
     match spec {
         Ints::Absent => {}
-        Ints::Fill(n) => out.push(attr_ints(name, vec![n.value(); rank])),
-        Ints::List(v) => out.push(attr_ints(
-            name,
-            v.iter().take(8).map(|n| n.value()).collect(),
-        )),
-        Ints::Empty => out.push(attr_ints(name, vec![])),
-        Ints::WrongType(n) => out.push(attr_int(name, n.value())),
+        Ints::Fill(n) => out.push(attr::new_ints(name, vec![n.value(); rank])),
+        Ints::List(v) => out.push(attr::new_ints(name, v.iter().take(8).map(|n| n.value()))),
+        Ints::Empty => out.push(attr::new_ints(name, vec![])),
+        Ints::WrongType(n) => out.push(attr::new_int(name, n.value())),
     }
 }
 
@@ -421,29 +401,28 @@ fn pads_attr(out: &mut Vec<AttributeProto>, spec: &Pads, natural: &[i64]) {
     let mut both: Vec<i64> = natural.iter().chain(natural).copied().collect();
     match spec {
         Pads::Absent => {}
-        Pads::Natural => out.push(attr_ints("pads", both)),
-        Pads::Symmetric(n) => out.push(attr_ints("pads", vec![n.value(); 2 * rank])),
-        Pads::Asymmetric(v) => out.push(attr_ints(
-            "pads",
-            v.iter().take(8).map(|n| n.value()).collect(),
-        )),
+        Pads::Natural => out.push(attr::new_ints("pads", both)),
+        Pads::Symmetric(n) => out.push(attr::new_ints("pads", vec![n.value(); 2 * rank])),
+        Pads::Asymmetric(v) => {
+            out.push(attr::new_ints("pads", v.iter().take(8).map(|n| n.value())))
+        }
         Pads::Nudged(i, n) => {
             if !both.is_empty() {
                 let i = *i as usize % both.len();
                 both[i] = n.value();
             }
-            out.push(attr_ints("pads", both));
+            out.push(attr::new_ints("pads", both));
         }
-        Pads::Empty => out.push(attr_ints("pads", vec![])),
-        Pads::WrongType(n) => out.push(attr_int("pads", n.value())),
+        Pads::Empty => out.push(attr::new_ints("pads", vec![])),
+        Pads::WrongType(n) => out.push(attr::new_int("pads", n.value())),
     }
 }
 
 fn int_attr(out: &mut Vec<AttributeProto>, name: &str, spec: Int, channels: usize) {
     match spec {
         Int::Absent => {}
-        Int::Value(n) => out.push(attr_int(name, n.value())),
-        Int::Depthwise => out.push(attr_int(name, channels as i64)),
+        Int::Value(n) => out.push(attr::new_int(name, n.value())),
+        Int::Depthwise => out.push(attr::new_int(name, channels as i64)),
         Int::WrongType(n) => out.push(attr_float(name, n.value() as f32)),
         Int::WrongField(n) => out.push(AttributeProto {
             name: Some(name.into()),
@@ -711,16 +690,16 @@ impl Model {
             Epsilon::Negative => attrs.push(attr_float("epsilon", -1e-3)),
             Epsilon::NaN => attrs.push(attr_float("epsilon", f32::NAN)),
             Epsilon::Inf => attrs.push(attr_float("epsilon", f32::INFINITY)),
-            Epsilon::WrongType => attrs.push(attr_int("epsilon", 1)),
+            Epsilon::WrongType => attrs.push(attr::new_int("epsilon", 1)),
         }
         if let Some(v) = b.training_mode {
-            attrs.push(attr_int("training_mode", v));
+            attrs.push(attr::new_int("training_mode", v));
         }
         if let Some(v) = b.is_test {
-            attrs.push(attr_int("is_test", v));
+            attrs.push(attr::new_int("is_test", v));
         }
         if let Some(v) = b.spatial {
-            attrs.push(attr_int("spatial", v));
+            attrs.push(attr::new_int("spatial", v));
         }
         let out = self.node("BatchNormalization", inputs, attrs, None);
         if b.extra_outputs {
@@ -762,9 +741,9 @@ impl Model {
         ints_attr(&mut attrs, "dilations", &c.dilations, rank);
         match &c.kernel_shape {
             Ints::Absent => {}
-            Ints::Fill(_) => attrs.push(attr_ints(
+            Ints::Fill(_) => attrs.push(attr::new_ints(
                 "kernel_shape",
-                kernel.iter().map(|&k| k as i64).collect(),
+                kernel.iter().map(|&k| k as i64),
             )),
             other => ints_attr(&mut attrs, "kernel_shape", other, rank),
         }
@@ -782,7 +761,7 @@ impl Model {
         let rank = self.rank;
         let mut attrs = Vec::new();
         match &p.kernel {
-            Ints::Fill(n) => attrs.push(attr_ints(
+            Ints::Fill(n) => attrs.push(attr::new_ints(
                 "kernel_shape",
                 vec![n.value().rem_euclid(5) + 1; rank],
             )),
@@ -796,10 +775,10 @@ impl Model {
         ints_attr(&mut attrs, "strides", &p.strides, rank);
         ints_attr(&mut attrs, "dilations", &p.dilations, rank);
         if let Some(v) = p.count_include_pad {
-            attrs.push(attr_int("count_include_pad", v));
+            attrs.push(attr::new_int("count_include_pad", v));
         }
         if let Some(v) = p.ceil_mode {
-            attrs.push(attr_int("ceil_mode", v));
+            attrs.push(attr::new_int("ceil_mode", v));
         }
         auto_pad_attr(&mut attrs, &p.auto_pad);
         let y = self.node("AveragePool", vec![x], attrs, None);
@@ -872,7 +851,10 @@ fn small(n: Num, modulus: i64) -> i64 {
 /// verification see many branches, not only the reasons to skip them.
 fn well_formed(case: &Case) -> Case {
     let mut case = case.clone();
-    if !matches!(case.dtype, DType::F32 | DType::F16 | DType::Bf16 | DType::F64) {
+    if !matches!(
+        case.dtype,
+        DType::F32 | DType::F16 | DType::Bf16 | DType::F64
+    ) {
         case.dtype = DType::F32;
     }
     case.input = InputDecl::Exact;
@@ -1094,6 +1076,7 @@ fn build(case: &Case) -> (Vec<u8>, Options) {
         allow_training_bn: case.allow_training_bn,
         verify: !case.skip_verify,
         tolerance: case.tolerance.map(|t| t as f64),
+        ..Options::default()
     };
     (model.encode_to_vec(), options)
 }
