@@ -128,9 +128,7 @@ impl BlockPlan {
         let (mut largest, mut rounded) = (0.0f64, 0.0f64);
         let out_channels = self.layout.out_channels;
         let row_bytes = row_len * self.dtype.size();
-        let starts: Vec<usize> = (0..out_channels)
-            .step_by(rows_per_chunk)
-            .collect();
+        let starts: Vec<usize> = (0..out_channels).step_by(rows_per_chunk).collect();
         let recipe = match fold::recipe(index, &self.block, self.options) {
             Ok(r) if r.layout.weight_dims() == dims => r,
             Ok(_) => {
