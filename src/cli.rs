@@ -466,14 +466,13 @@ fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
     Ok(report)
 }
 
-/// Runs `work` on every job, as many at a time as there are cores, and returns the results in
-/// the jobs' order. Plain threads, not rayon's: a fusion waits on its writer and checker, and a
-/// rayon worker that waits cannot lend itself to the folds those wait for.
+/// Runs `work` on every job, as many at a time as there are worker threads (one per core, see
+/// [`onnx_repvgg::producer::workers`]), and returns the results in the jobs' order.
 fn run_all<T: Send>(
     jobs: Vec<Job>,
     work: impl Fn(&Job) -> Result<T> + Sync,
 ) -> Vec<(Job, Result<T>)> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = onnx_repvgg::producer::workers();
     let queue = std::sync::Mutex::new(jobs.into_iter().enumerate());
     let done = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {

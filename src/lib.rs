@@ -27,6 +27,7 @@ pub mod naming;
 pub mod onnx;
 pub mod pattern;
 pub mod plan;
+pub mod producer;
 pub mod quant;
 pub mod recipe;
 pub mod report;
@@ -45,6 +46,7 @@ use bytes::Bytes;
 use graph::GraphIndex;
 use onnx::Model;
 use onnx::splice::{self, DataLayout, PROTOBUF_LIMIT};
+use producer::Producer;
 
 /// What may be folded, and how it is checked.
 #[derive(Debug, Clone, Copy)]
@@ -227,68 +229,81 @@ fn fuse(
         "fusing this model",
     )?;
     let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
-    // Each block is checked on a thread of its own while the next ones are folded and written
-    // (one block behind at most); the output is renamed into place only after every check.
-    let check = |p: usize, produced: &plan::Produced| -> Result<verify::Deviation> {
-        let plan = &analysis.plans[p];
-        let node = &patch.replaced[&plan.block.root];
-        let bias = tensor::decode(&produced.bias, plan.dtype);
-        let bias = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias)
-            .map_err(|e| Error::Graph(e.to_string()))?;
-        let deviation = verify::check(
-            &index,
-            plan,
-            node,
-            &produced.sampled,
-            &bias,
-            options.tolerance,
-        )?;
-        model.release_pages();
-        Ok(deviation)
+    let order = planned.block_order(&patch);
+    // Each block is checked on a thread of its own: the original is evaluated while the block is
+    // folded (its input pages are in use anyway), the fused Conv once the block is written (one
+    // block behind at most). The output is renamed into place only after every check.
+    let checks = |receive: std::sync::mpsc::Receiver<(usize, plan::Produced)>| {
+        let mut deviations = Vec::new();
+        for &p in &order {
+            let plan = &analysis.plans[p];
+            let node = &patch.replaced[&plan.block.root];
+            let expected = verify::reference(&index, plan, node);
+            // The writer hung up: it stopped on an error, which is the one to report.
+            let Ok((written, produced)) = receive.recv() else {
+                break;
+            };
+            plan.release_pages(&index);
+            if written != p {
+                return Err(Error::Graph("the blocks were checked out of order".into()));
+            }
+            let (rows, bias) = (produced.sampled()?, produced.bias()?);
+            let deviation =
+                verify::compare(&expected?, plan, node, &rows, &bias, options.tolerance)?;
+            deviations.push((p, deviation));
+        }
+        Ok(deviations)
     };
     let mut deviations = Vec::new();
     let mut write = |model_sink: &mut splice::Sink, sidecar_sink: Option<&mut splice::Sink>| {
         std::thread::scope(|scope| -> Result<()> {
             let (send, receive) = std::sync::mpsc::sync_channel::<(usize, plan::Produced)>(1);
-            let checker = scope.spawn(move || -> Result<Vec<(usize, verify::Deviation)>> {
-                receive
-                    .into_iter()
-                    .map(|(p, produced)| Ok((p, check(p, &produced)?)))
-                    .collect()
+            let checker = options.verify.then(|| {
+                scope.spawn(move || {
+                    producer::yield_to_writer();
+                    checks(receive)
+                })
             });
-            let mut produce =
-                |p: usize, write: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<Vec<Bytes>> {
-                    let plan = &analysis.plans[p];
-                    let sample = match options.verify {
-                        true => verify::sample(plan),
-                        false => Vec::new(),
+            let written = Producer::run(&index, &analysis.plans, order.clone(), |producer| {
+                let mut produce =
+                    |p: usize, write: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<Vec<Bytes>> {
+                        let plan = &analysis.plans[p];
+                        let sample = match options.verify {
+                            true => verify::sample(plan),
+                            false => Vec::new(),
+                        };
+                        let produced = producer.write_block(p, write, &sample)?;
+                        fused[p].rounding_error = produced.rounding;
+                        let bias = produced.bias.clone();
+                        match options.verify {
+                            true => {
+                                if send.send((p, produced)).is_err() {
+                                    // The checker stopped on a failed check: its error is the one
+                                    // to report.
+                                    return Err(Error::Graph("a block failed its check".into()));
+                                }
+                            }
+                            false => plan.release_pages(&index),
+                        }
+                        progress(p + 1, analysis.plans.len());
+                        Ok(vec![bias])
                     };
-                    let produced = plan.write_tensors(&index, write, &sample)?;
-                    fused[p].rounding_error = produced.rounding;
-                    let bias = produced.bias.clone();
-                    if options.verify && send.send((p, produced)).is_err() {
-                        // The checker stopped on a failed check: its error is the one to report.
-                        return Err(Error::Graph("a block failed its check".into()));
-                    }
-                    if !options.verify {
-                        model.release_pages();
-                    }
-                    progress(p + 1, analysis.plans.len());
-                    Ok(vec![bias])
-                };
-            let written = splice::write(
-                &planned,
-                model,
-                &patch,
-                model_sink,
-                sidecar_sink,
-                &mut produce,
-            );
+                splice::write(
+                    &planned,
+                    model,
+                    &patch,
+                    model_sink,
+                    sidecar_sink,
+                    &mut produce,
+                )
+            });
             drop(send);
-            let checked = checker
-                .join()
-                .map_err(|_| Error::Graph("the check of a block panicked".into()))?;
-            deviations = checked?;
+            if let Some(checker) = checker {
+                let checked = checker
+                    .join()
+                    .map_err(|_| Error::Graph("the check of a block panicked".into()))?;
+                deviations = checked?;
+            }
             written
         })
     };

@@ -121,6 +121,11 @@ fn stored_bytes(t: &TensorProto, external: &ExternalStore, count: usize) -> Resu
     Ok(t.raw_data.clone().filter(|r| !r.is_empty() || count == 0))
 }
 
+/// The tensor's stored data bytes (external or `raw_data`), if it has any.
+pub fn stored(t: &TensorProto, external: &ExternalStore) -> Option<Bytes> {
+    stored_bytes(t, external, 1).ok().flatten()
+}
+
 /// Checks that the tensor's data holds exactly what its dims and type need, without reading it.
 pub fn check_data(t: &TensorProto, external: &ExternalStore) -> Result<()> {
     let name = t.name.as_deref().unwrap_or("");
@@ -175,6 +180,7 @@ pub enum Data {
 
 impl Data {
     /// Values `range`, times `factor`, into `out` (exactly as long).
+    #[inline(always)]
     pub fn read_scaled(&self, range: std::ops::Range<usize>, factor: f64, out: &mut [f64]) {
         match self {
             Data::Raw(bytes, ty) => {
@@ -380,6 +386,7 @@ pub fn encode_into(values: &[f64], ty: FloatType, out: &mut Vec<u8>) {
 }
 
 /// [`to_le_bytes`] into `out` (exactly as long).
+#[inline(always)]
 pub fn encode_to(values: &[f64], ty: FloatType, out: &mut [u8]) {
     /// Each value into its own `N` bytes (a constant width, so each copy is a plain store).
     fn fill<const N: usize>(out: &mut [u8], values: &[f64], encode: impl Fn(f64) -> [u8; N]) {
@@ -403,6 +410,7 @@ pub fn decode(bytes: &[u8], ty: FloatType) -> Vec<f64> {
 
 /// [`decode`] times `factor`, into `out` (one pass over slices of one length, which the compiler
 /// vectorizes: the fold's hot loop).
+#[inline(always)]
 pub fn decode_scaled(bytes: &[u8], ty: FloatType, factor: f64, out: &mut [f64]) {
     fn each<const N: usize>(bytes: &[u8], out: &mut [f64], value: impl Fn([u8; N]) -> f64) {
         let slots = out.iter_mut().zip(bytes.chunks_exact(N));

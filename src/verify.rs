@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 
 use ndarray::{ArrayD, Axis, IxDyn};
-use rayon::prelude::*;
 
 use crate::graph::{GraphIndex, is_default_domain};
 use crate::onnx::attr;
@@ -73,6 +72,14 @@ struct Act {
     channels: Option<Vec<usize>>,
 }
 
+/// What the fused Conv of a block must reproduce: the check's input and the original subgraph's
+/// output on it, for the sampled output channels. Computed from the original alone, so it can be
+/// ready before the fused weights are.
+pub struct Expected {
+    x: ArrayD<f64>,
+    want: ArrayD<f64>,
+}
+
 /// Runs the original subgraph producing the block's output and the fused Conv on the same input;
 /// `Err` says why the reference could not run.
 pub fn check_block(
@@ -82,17 +89,39 @@ pub fn check_block(
     fused: &FusedConv,
     seed: u64,
 ) -> Result<Deviation, String> {
-    let dims = fused.dims;
+    let expected = expect(
+        index,
+        input,
+        output,
+        fused.node,
+        fused.dims,
+        fused.sample,
+        seed,
+    )?;
+    deviation(&expected, fused)
+}
+
+/// The check's input for a fused Conv `node` with weight `dims`, and the original subgraph (from
+/// `input` to `output`) run on it for the output channels `sample`.
+pub fn expect(
+    index: &GraphIndex,
+    input: &str,
+    output: &str,
+    node: &NodeProto,
+    dims: &[usize],
+    sample: &[usize],
+    seed: u64,
+) -> Result<Expected, String> {
     if dims.len() < 3 {
         return Err("the fused weight has fewer than 3 dims".into());
     }
-    let (out_channels, per_group) = (dims[0], dims[1]);
-    let group = attr::int(fused.node, "group").unwrap_or(1).max(1) as usize;
+    let per_group = dims[1];
+    let group = attr::int(node, "group").unwrap_or(1).max(1) as usize;
     let kernel = &dims[2..];
-    let dilations = ints_or(fused.node, "dilations", 1, kernel.len());
-    let strides = ints_or(fused.node, "strides", 1, kernel.len());
-    let pads = attr::ints(fused.node, "pads").filter(|p| p.len() == 2 * kernel.len());
-    let explicit = attr::string(fused.node, "auto_pad").is_none_or(|a| a == "NOTSET");
+    let dilations = ints_or(node, "dilations", 1, kernel.len());
+    let strides = ints_or(node, "strides", 1, kernel.len());
+    let pads = attr::ints(node, "pads").filter(|p| p.len() == 2 * kernel.len());
+    let explicit = attr::string(node, "auto_pad").is_none_or(|a| a == "NOTSET");
     // As wide as the dilated kernel, with padding every output position sees a different mix of
     // border and data (corners, edges, centre); narrower when that still puts every tap on data
     // at some position and on the border at another (a 3x3 with pad 1: 2x2 instead of 3x3, a
@@ -130,11 +159,6 @@ pub fn check_block(
         rng ^= rng << 17;
         (rng >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
     });
-    let sample = fused.sample.to_vec();
-    let (w, b) = (fused.rows, fused.bias);
-    if w.shape()[0] != sample.len() {
-        return Err("the fused rows do not match the sample".into());
-    }
     let mut reference = Reference {
         index,
         input,
@@ -142,12 +166,22 @@ pub fn check_block(
             data: x.clone(),
             channels: None,
         },
-        sample: &sample,
+        sample,
         memo: HashMap::new(),
     };
     let want = reference.value(output, 0)?;
-    let want = select(&want, &sample)?;
-    let got = conv(fused.node, &x, w, out_channels, Some(b), &sample)?;
+    let want = select(&want, sample)?;
+    Ok(Expected { x, want })
+}
+
+/// How far the fused Conv, as written, is from what the original computed.
+pub fn deviation(expected: &Expected, fused: &FusedConv) -> Result<Deviation, String> {
+    let (w, b) = (fused.rows, fused.bias);
+    if fused.dims.len() < 3 || w.shape()[0] != fused.sample.len() {
+        return Err("the fused rows do not match the sample".into());
+    }
+    let (x, want) = (&expected.x, &expected.want);
+    let got = conv(fused.node, x, w, fused.dims[0], Some(b), fused.sample)?;
     if want.shape() != got.shape() {
         return Err(format!(
             "the original computes shape {:?}, the fused Conv {:?}",
@@ -602,6 +636,37 @@ fn conv(
     b: Option<&ArrayD<f64>>,
     outs: &[usize],
 ) -> Result<ArrayD<f64>, String> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { conv_avx2(node, x, w, o, b, outs) };
+    }
+    conv_here(node, x, w, o, b, outs)
+}
+
+/// [`conv`] compiled for AVX2: the same operations in the same order (no fused multiply-add).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn conv_avx2(
+    node: &NodeProto,
+    x: &ArrayD<f64>,
+    w: &ArrayD<f64>,
+    o: usize,
+    b: Option<&ArrayD<f64>>,
+    outs: &[usize],
+) -> Result<ArrayD<f64>, String> {
+    conv_here(node, x, w, o, b, outs)
+}
+
+#[inline(always)]
+fn conv_here(
+    node: &NodeProto,
+    x: &ArrayD<f64>,
+    w: &ArrayD<f64>,
+    o: usize,
+    b: Option<&ArrayD<f64>>,
+    outs: &[usize],
+) -> Result<ArrayD<f64>, String> {
     if w.ndim() < 3 || x.ndim() != w.ndim() {
         return Err("weight and input ranks disagree".into());
     }
@@ -657,12 +722,13 @@ fn conv(
                 .collect()
         })
         .collect();
-    // Output channels are independent: the sampled ones are computed in parallel.
-    // Each thread transposes weights into one buffer, every element overwritten each time.
+    // One thread (checks run beside the fold, which has the cores): each sampled channel's
+    // weights are transposed into one buffer, every element overwritten each time.
+    let mut w_last = Vec::new();
     let rows: Vec<Vec<f64>> = outs
-        .par_iter()
+        .iter()
         .enumerate()
-        .map_init(Vec::new, |w_last, (row, &oc)| {
+        .map(|(row, &oc)| {
             if oc >= o {
                 return Err("output channel out of range".to_string());
             }
@@ -695,6 +761,7 @@ fn conv(
 }
 
 /// Dot product with four running sums (vectorizes; the order of additions is fixed).
+#[inline(always)]
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f64 = a4
@@ -766,10 +833,39 @@ pub fn check(
     bias: &ArrayD<f64>,
     tolerance: Option<f64>,
 ) -> crate::Result<Deviation> {
-    let fail = |reason: String| crate::Error::Verify {
+    let expected = reference(index, plan, node)?;
+    compare(&expected, plan, node, rows, bias, tolerance)
+}
+
+fn failure(plan: &crate::plan::BlockPlan, reason: String) -> crate::Error {
+    crate::Error::Verify {
         block: plan.info.name.clone(),
         reason,
-    };
+    }
+}
+
+/// The first half of [`check`], from the original alone: what the fused Conv `node` of `plan`
+/// must compute.
+pub fn reference(
+    index: &GraphIndex,
+    plan: &crate::plan::BlockPlan,
+    node: &NodeProto,
+) -> crate::Result<Expected> {
+    let dims = plan.layout.weight_dims();
+    let (input, output) = (&plan.block.input, plan.block.output(index));
+    expect(index, input, output, node, &dims, &sample(plan), seed(plan))
+        .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))
+}
+
+/// The second half of [`check`]: the fused Conv as written against `expected`.
+pub fn compare(
+    expected: &Expected,
+    plan: &crate::plan::BlockPlan,
+    node: &NodeProto,
+    rows: &ArrayD<f64>,
+    bias: &ArrayD<f64>,
+    tolerance: Option<f64>,
+) -> crate::Result<Deviation> {
     let dims = plan.layout.weight_dims();
     let sample = sample(plan);
     let fused = FusedConv {
@@ -779,21 +875,18 @@ pub fn check(
         rows,
         bias,
     };
-    let deviation = check_block(
-        index,
-        &plan.block.input,
-        plan.block.output(index),
-        &fused,
-        seed(plan),
-    )
-    .map_err(|e| fail(format!("the original could not be evaluated: {e}")))?;
+    let deviation = deviation(expected, &fused)
+        .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))?;
     let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.dtype));
     if deviation.rel.is_nan() || deviation.rel > limit {
-        return Err(fail(format!(
-            "the fused Conv differs from the original by {:.3e} relative ({:.3e} absolute), \
-             over the tolerance {limit:.1e}",
-            deviation.rel, deviation.abs
-        )));
+        return Err(failure(
+            plan,
+            format!(
+                "the fused Conv differs from the original by {:.3e} relative ({:.3e} absolute), \
+                 over the tolerance {limit:.1e}",
+                deviation.rel, deviation.abs
+            ),
+        ));
     }
     Ok(deviation)
 }

@@ -209,7 +209,7 @@ fn the_output_does_not_depend_on_the_thread_count() {
     for threads in ["1", "2", "3"] {
         let out = dir.path().join(format!("t{threads}.onnx"));
         let status = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-repvgg"))
-            .env("RAYON_NUM_THREADS", threads)
+            .env("ONNX_REPVGG_THREADS", threads)
             .args([
                 "fuse".as_ref(),
                 testdata()

@@ -49,8 +49,8 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
                 .collect();
             let bias =
                 ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias).unwrap();
-            let deviation =
-                verify::check(&index, plan, node, &produced.sampled, &bias, None).unwrap();
+            let written = produced.sampled().unwrap();
+            let deviation = verify::check(&index, plan, node, &written, &bias, None).unwrap();
             assert!(
                 deviation.rel < 1e-6,
                 "{form} {}: {deviation:?}",
@@ -59,7 +59,7 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
 
             // Corrupt the last written weight of the block (every output channel is checked up
             // to 64), then one bias.
-            let mut rows = produced.sampled.clone();
+            let mut rows = written.clone();
             *rows.iter_mut().last().unwrap() += 0.01;
             let err = verify::check(&index, plan, node, &rows, &bias, None)
                 .unwrap_err()
@@ -70,9 +70,7 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
             );
             let mut wrong_bias = bias.clone();
             wrong_bias[0] += 0.01;
-            assert!(
-                verify::check(&index, plan, node, &produced.sampled, &wrong_bias, None).is_err()
-            );
+            assert!(verify::check(&index, plan, node, &written, &wrong_bias, None).is_err());
         }
     }
 }

@@ -140,6 +140,14 @@ impl ExternalStore {
             .for_each(|m| m.release());
     }
 
+    /// Lets go of the mapped pages under `bytes` (see [`super::model::Mapped::release_range`]).
+    pub fn release(&self, bytes: &[u8]) {
+        self.files
+            .values()
+            .filter_map(|(m, _)| m.as_ref())
+            .for_each(|m| m.release_range(bytes));
+    }
+
     /// Where an external tensor's bytes lie: its file's location and the byte range in it.
     pub fn range(&self, t: &TensorProto) -> Result<(String, std::ops::Range<usize>)> {
         let r = ExternalRef::of(t)?;

@@ -85,6 +85,28 @@ impl Mapped {
                 .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
         };
     }
+
+    /// [`Mapped::release`] for the pages under `bytes`, when they lie in this map (whole pages:
+    /// the first and last may hold other data too, which is read back if touched).
+    pub fn release_range(&self, bytes: &[u8]) {
+        let base = self.map.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        let Some(offset) = start.checked_sub(base) else {
+            return;
+        };
+        if bytes.is_empty()
+            || offset
+                .checked_add(bytes.len())
+                .is_none_or(|e| e > self.map.len())
+        {
+            return;
+        }
+        // SAFETY: as in `release`.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
+        };
+    }
 }
 
 /// Lets `Bytes` own a shared map.
@@ -111,6 +133,13 @@ impl Model {
     pub fn release_pages(&self) {
         self.mapped.iter().for_each(Mapped::release);
         self.external.release_pages();
+    }
+
+    /// Lets go of the mapped pages under `bytes` (tensor data of this model or its external
+    /// data; see [`Mapped::release_range`]).
+    pub fn release(&self, bytes: &[u8]) {
+        self.mapped.iter().for_each(|m| m.release_range(bytes));
+        self.external.release(bytes);
     }
 
     /// Reads a model from bytes; `path` names the model in errors, `data_dir` is where its

@@ -83,6 +83,23 @@ pub struct Output {
     pub sidecar_len: Option<u64>,
 }
 
+impl Output {
+    /// The patch's plans in the order their data is written.
+    pub fn block_order(&self, patch: &Patch) -> Vec<usize> {
+        self.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Model(Piece::Data(i)) | Action::Sidecar(Piece::Data(i)) => {
+                    patch.new_tensors.get(*i)
+                }
+                _ => None,
+            })
+            .filter(|t| t.slot == 0)
+            .map(|t| t.plan)
+            .collect()
+    }
+}
+
 /// Plans the output of `model` with `patch` applied.
 pub fn plan(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Output> {
     if patch.is_empty() && *layout == DataLayout::Inline {

@@ -1,0 +1,385 @@
+//! Folding every planned block ahead of the writer. The chunks of output channels of all blocks
+//! form one queue, in the order the output needs them; worker threads fold the next chunks, up
+//! to a few per worker beyond the last one written, and the writer takes them in order. There is
+//! no barrier between chunks or blocks: while the writer writes, the workers fold on, into the
+//! next block too.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::fold::{self, FoldError};
+use crate::graph::GraphIndex;
+use crate::plan::{BlockPlan, Produced};
+use crate::recipe::{Recipe, Rounding};
+use crate::tensor::{self, FloatType};
+
+/// Weights folded at a time (whole output channels, at least one): 1 MB as float32.
+pub(crate) const CHUNK_ELEMENTS: usize = 1 << 18;
+
+/// Chunks folded ahead of the writer, per worker.
+pub(crate) const AHEAD_PER_WORKER: usize = 4;
+
+/// Bytes of one block's weights written between two releases of the input pages they were read
+/// from (so that even one huge block stays small in memory).
+const RELEASE_BYTES: usize = 64 << 20;
+
+/// One chunk of one block: output channels `rows` of the block at `position` in the order.
+struct Task {
+    position: usize,
+    rows: Range<usize>,
+}
+
+/// A block's recipe, built by the first worker that needs it and dropped once it is written.
+enum Slot {
+    Empty,
+    Ready(Arc<Recipe>),
+    /// The fold failed (the error, until the writer takes it).
+    Failed(Option<Error>),
+    Done,
+}
+
+/// What workers and writer share.
+struct State {
+    /// The next task to fold.
+    claimed: usize,
+    /// Tasks the writer has taken.
+    written: usize,
+    /// Tasks `written..`: folded (`Some`; `None` inside when the block's fold failed) or not yet.
+    done: VecDeque<Option<Option<Chunk>>>,
+    /// Position in the order of the next block the writer asks for.
+    next_block: usize,
+    stop: bool,
+}
+
+/// The folding of `plans` for one output (see the module docs).
+pub struct Producer<'a, 'm> {
+    index: &'a GraphIndex<'m>,
+    plans: &'a [BlockPlan],
+    /// Indices into `plans`, in the order the writer asks for them.
+    order: Vec<usize>,
+    tasks: Vec<Task>,
+    /// Each position's tasks.
+    spans: Vec<Range<usize>>,
+    slots: Vec<Mutex<Slot>>,
+    /// Tasks folded ahead of the writer at most.
+    ahead: usize,
+    state: Mutex<State>,
+    /// Signalled when the writer takes a chunk (or stops): workers may fold further.
+    room: Condvar,
+    /// Signalled when a chunk is folded: the writer may take it.
+    ready: Condvar,
+    /// Encoded chunks' buffers, back from the writer: fresh ones would be zeroed again.
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Stops the workers when the writer is done, however it ends.
+struct StopOnDrop<'p, 'a, 'm>(&'p Producer<'a, 'm>);
+
+impl Drop for StopOnDrop<'_, '_, '_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).stop = true;
+        self.0.room.notify_all();
+    }
+}
+
+impl<'a, 'm> Producer<'a, 'm> {
+    /// Folds `plans` in `order` on [`workers`] threads while `writer`
+    /// takes their tensors with [`Producer::write_block`], in that order; returns what `writer`
+    /// returns.
+    pub fn run<R>(
+        index: &'a GraphIndex<'m>,
+        plans: &'a [BlockPlan],
+        order: Vec<usize>,
+        writer: impl FnOnce(&Producer<'a, 'm>) -> R,
+    ) -> R {
+        let workers = workers();
+        let producer = Producer::new(index, plans, order, workers);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    yield_to_writer();
+                    producer.work()
+                });
+            }
+            let _stop = StopOnDrop(&producer);
+            writer(&producer)
+        })
+    }
+
+    fn new(
+        index: &'a GraphIndex<'m>,
+        plans: &'a [BlockPlan],
+        order: Vec<usize>,
+        workers: usize,
+    ) -> Self {
+        let mut tasks = Vec::new();
+        let mut spans = Vec::new();
+        for (position, &p) in order.iter().enumerate() {
+            let start = tasks.len();
+            if let Some(plan) = plans.get(p) {
+                let rows = rows_per_chunk(plan);
+                let channels = plan.layout.out_channels;
+                tasks.extend((0..channels).step_by(rows).map(|first| Task {
+                    position,
+                    rows: first..(first + rows).min(channels),
+                }));
+            }
+            spans.push(start..tasks.len());
+        }
+        Producer {
+            index,
+            plans,
+            slots: order.iter().map(|_| Mutex::new(Slot::Empty)).collect(),
+            order,
+            tasks,
+            spans,
+            ahead: AHEAD_PER_WORKER * workers,
+            state: Mutex::new(State {
+                claimed: 0,
+                written: 0,
+                done: VecDeque::new(),
+                next_block: 0,
+                stop: false,
+            }),
+            room: Condvar::new(),
+            ready: Condvar::new(),
+            buffers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A worker: folds the next task while there is room ahead of the writer.
+    fn work(&self) {
+        loop {
+            let t = {
+                let mut state = lock(&self.state);
+                loop {
+                    if state.stop || state.claimed >= self.tasks.len() {
+                        return;
+                    }
+                    if state.claimed < state.written + self.ahead {
+                        break;
+                    }
+                    state = self
+                        .room
+                        .wait(state)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                state.claimed += 1;
+                state.claimed - 1
+            };
+            let task = &self.tasks[t];
+            let dtype = self.plans[self.order[task.position]].dtype;
+            let buffer = lock(&self.buffers).pop().unwrap_or_default();
+            // A panic must not leave the writer waiting: it fails the block instead.
+            let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.recipe(task.position)
+                    .map(|recipe| Chunk::encode(&recipe, task.rows.clone(), dtype, buffer))
+            }))
+            .ok()
+            .flatten();
+            let mut state = lock(&self.state);
+            let at = t - state.written;
+            if state.done.len() <= at {
+                state.done.resize_with(at + 1, || None);
+            }
+            state.done[at] = Some(chunk);
+            self.ready.notify_one();
+        }
+    }
+
+    /// The recipe of the block at `position`, built on first use; `None` when its fold failed.
+    fn recipe(&self, position: usize) -> Option<Arc<Recipe>> {
+        let mut slot = lock(&self.slots[position]);
+        if matches!(*slot, Slot::Empty) {
+            *slot = match self.build(&self.plans[self.order[position]]) {
+                Ok(recipe) => Slot::Ready(Arc::new(recipe)),
+                Err(e) => Slot::Failed(Some(e)),
+            };
+        }
+        match &*slot {
+            Slot::Ready(recipe) => Some(recipe.clone()),
+            _ => None,
+        }
+    }
+
+    fn build(&self, plan: &BlockPlan) -> Result<Recipe> {
+        let failed = |reason: String| Error::Graph(format!("block '{}' {reason}", plan.info.name));
+        match fold::recipe(self.index, &plan.block, plan.options) {
+            Ok(r) if r.layout.weight_dims() == plan.layout.weight_dims() => Ok(r),
+            Ok(_) => Err(failed("folded to another shape than planned".into())),
+            Err(FoldError::Invalid(e)) => Err(e),
+            Err(FoldError::Skip(reason)) => Err(failed(format!("no longer folds: {reason}"))),
+        }
+    }
+
+    /// Why the block at `position` failed.
+    fn failure(&self, position: usize) -> Error {
+        let plan = &self.plans[self.order[position]];
+        match &mut *lock(&self.slots[position]) {
+            Slot::Failed(e) => e.take(),
+            _ => None,
+        }
+        .unwrap_or_else(|| Error::Graph(format!("block '{}' could not be folded", plan.info.name)))
+    }
+
+    /// Waits for task `t` (the next one to write) and takes it.
+    fn take(&self, t: usize) -> Option<Chunk> {
+        let mut state = lock(&self.state);
+        debug_assert_eq!(t, state.written);
+        loop {
+            if let Some(Some(_)) = state.done.front() {
+                let chunk = state.done.pop_front().flatten().flatten();
+                state.written += 1;
+                // Wake the workers once half the room is free (not for every chunk).
+                if state.claimed - state.written == self.ahead / 2 {
+                    self.room.notify_all();
+                }
+                return chunk;
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Hands the fused weight of plan `p` (the next in the order) to `write`, in chunks as they
+    /// are folded; returns the encoded bias and the written rows `sample` asks for.
+    pub fn write_block(
+        &self,
+        p: usize,
+        write: &mut dyn FnMut(&[u8]) -> Result<()>,
+        sample: &[usize],
+    ) -> Result<Produced> {
+        let position = {
+            let mut state = lock(&self.state);
+            let position = state.next_block;
+            if self.order.get(position) != Some(&p) {
+                return Err(Error::Graph(format!(
+                    "block {p} was asked for out of the planned order"
+                )));
+            }
+            state.next_block += 1;
+            position
+        };
+        let plan = &self.plans[p];
+        let dims = plan.layout.weight_dims();
+        let row_bytes = dims[1..].iter().product::<usize>() * plan.dtype.size();
+        let mut sampled_dims = dims.clone();
+        sampled_dims[0] = sample.len();
+        let mut sampled = vec![0; sample.len() * row_bytes];
+        let mut rounding = Rounding::default();
+        let (mut unreleased, mut released) = (0, 0);
+        for t in self.spans[position].clone() {
+            let chunk = self.take(t).ok_or_else(|| self.failure(position))?;
+            write(&chunk.encoded)?;
+            let rows = sampled.chunks_exact_mut(row_bytes.max(1));
+            for (&r, row) in sample.iter().zip(rows) {
+                if chunk.rows.contains(&r) {
+                    let at = (r - chunk.rows.start) * row_bytes;
+                    row.copy_from_slice(&chunk.encoded[at..at + row_bytes]);
+                }
+            }
+            rounding.largest = rounding.largest.max(chunk.rounding.largest);
+            rounding.rounded = rounding.rounded.max(chunk.rounding.rounded);
+            unreleased += chunk.encoded.len();
+            if unreleased > RELEASE_BYTES {
+                // The input pages of the rows written so far (the workers are past them).
+                if let Some(recipe) = self.recipe(position) {
+                    let rows = released..chunk.rows.end;
+                    recipe
+                        .stored_rows(rows)
+                        .for_each(|bytes| self.index.model.release(bytes));
+                }
+                (unreleased, released) = (0, chunk.rows.end);
+            }
+            lock(&self.buffers).push(chunk.encoded);
+        }
+        let recipe = self
+            .recipe(position)
+            .ok_or_else(|| self.failure(position))?;
+        *lock(&self.slots[position]) = Slot::Done;
+        let mut bias = Vec::new();
+        tensor::encode_into(&recipe.bias, plan.dtype, &mut bias);
+        let half = matches!(plan.dtype, FloatType::F16 | FloatType::Bf16);
+        let rounding = half.then(|| rounding.rounded / rounding.largest.max(f64::MIN_POSITIVE));
+        Ok(Produced {
+            bias: bias.into(),
+            sampled_bytes: sampled,
+            sampled_dims,
+            dtype: plan.dtype,
+            rounding,
+        })
+    }
+}
+
+/// Environment variable that sets the number of worker threads (default: one per core).
+pub const THREADS_VAR: &str = "ONNX_REPVGG_THREADS";
+
+/// Worker threads: [`THREADS_VAR`], or one per core.
+pub fn workers() -> usize {
+    std::env::var(THREADS_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+/// Output channels per chunk of a plan's weight.
+fn rows_per_chunk(plan: &BlockPlan) -> usize {
+    let row: usize = plan.layout.weight_dims()[1..].iter().product();
+    (CHUNK_ELEMENTS / row.max(1)).max(1)
+}
+
+/// One chunk of output channels, folded and encoded.
+struct Chunk {
+    rows: Range<usize>,
+    encoded: Vec<u8>,
+    rounding: Rounding,
+}
+
+thread_local! {
+    /// Each worker's row buffers, reused from chunk to chunk.
+    static ROWS: std::cell::RefCell<(Vec<f64>, Vec<f64>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+impl Chunk {
+    fn encode(recipe: &Recipe, rows: Range<usize>, ty: FloatType, mut encoded: Vec<u8>) -> Chunk {
+        // A recycled buffer mostly has the length already: no zeroing.
+        encoded.resize(rows.len() * recipe.row_len() * ty.size(), 0);
+        let rounding = ROWS.with_borrow_mut(|(acc, scratch)| {
+            recipe.encode_rows(rows.clone(), ty, &mut encoded, acc, scratch)
+        });
+        Chunk {
+            rows,
+            encoded,
+            rounding,
+        }
+    }
+}
+
+/// How much lower than the writer workers and checks run (Linux nice levels: a weight of about a
+/// third; 0 to 19 are all allowed without privileges).
+const NICE: i32 = 5;
+
+/// Lowers the calling thread's scheduling priority by [`NICE`], so that the writer, the thread
+/// the run waits for, gets a core whenever it can run and folding takes the time it leaves.
+/// (With more runnable threads than cores, equal shares would slow the writer down.)
+pub(crate) fn yield_to_writer() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: plain system calls on this thread's own id.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, NICE);
+        }
+    }
+}
