@@ -98,8 +98,19 @@ impl<'a, 'm> Producer<'a, 'm> {
         order: Vec<usize>,
         writer: impl FnOnce(&Producer<'a, 'm>) -> R,
     ) -> R {
-        let workers = workers();
-        let producer = Producer::new(index, plans, order, workers);
+        Producer::run_with(index, plans, order, workers(), CHUNK_ELEMENTS, writer)
+    }
+
+    /// [`Producer::run`] with `workers` threads and chunks of about `chunk` weights.
+    fn run_with<R>(
+        index: &'a GraphIndex<'m>,
+        plans: &'a [BlockPlan],
+        order: Vec<usize>,
+        workers: usize,
+        chunk: usize,
+        writer: impl FnOnce(&Producer<'a, 'm>) -> R,
+    ) -> R {
+        let producer = Producer::new(index, plans, order, workers, chunk);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
@@ -117,13 +128,14 @@ impl<'a, 'm> Producer<'a, 'm> {
         plans: &'a [BlockPlan],
         order: Vec<usize>,
         workers: usize,
+        chunk: usize,
     ) -> Self {
         let mut tasks = Vec::new();
         let mut spans = Vec::new();
         for (position, &p) in order.iter().enumerate() {
             let start = tasks.len();
             if let Some(plan) = plans.get(p) {
-                let rows = rows_per_chunk(plan);
+                let rows = rows_per_chunk(plan, chunk);
                 let channels = plan.layout.out_channels;
                 tasks.extend((0..channels).step_by(rows).map(|first| Task {
                     position,
@@ -331,10 +343,10 @@ pub fn workers() -> usize {
         .max(1)
 }
 
-/// Output channels per chunk of a plan's weight.
-fn rows_per_chunk(plan: &BlockPlan) -> usize {
+/// Output channels per chunk of about `chunk` weights of a plan's weight.
+fn rows_per_chunk(plan: &BlockPlan, chunk: usize) -> usize {
     let row: usize = plan.layout.weight_dims()[1..].iter().product();
-    (CHUNK_ELEMENTS / row.max(1)).max(1)
+    (chunk / row.max(1)).max(1)
 }
 
 /// One chunk of output channels, folded and encoded.
@@ -381,5 +393,131 @@ pub(crate) fn yield_to_writer() {
             let tid = libc::gettid();
             libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, NICE);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::onnx::Model;
+    use crate::plan;
+
+    fn model() -> Model {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/models/grouped/ts_nofold_op17.onnx"
+        );
+        Model::open(std::path::Path::new(path)).unwrap()
+    }
+
+    /// Runs `body` on a thread of its own and fails the test if it does not finish: a producer
+    /// that hangs must fail, not stall the test run.
+    fn finishes<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
+        let (send, receive) = mpsc::channel();
+        std::thread::spawn(move || send.send(body()));
+        match receive.recv_timeout(Duration::from_secs(120)) {
+            Ok(value) => value,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the producer hung"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the test body panicked"),
+        }
+    }
+
+    /// Every block's weight as written by one queue (chunks of one output channel, three
+    /// workers, every block in flight at once) against each block folded alone, and each one
+    /// checked against its original subgraph.
+    #[test]
+    fn one_queue_for_all_blocks_writes_what_each_block_alone_writes() {
+        finishes(|| {
+            let model = model();
+            let index = GraphIndex::new(&model).unwrap();
+            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
+            let patch = crate::rewrite::build(&index, &plans);
+            let order: Vec<usize> = (0..plans.len()).collect();
+            let mut written = Vec::new();
+            Producer::run_with(&index, &plans, order.clone(), 3, 1, |producer| {
+                for &p in &order {
+                    let mut weight = Vec::new();
+                    let sample: Vec<usize> = (0..plans[p].layout.out_channels).collect();
+                    let mut write = |bytes: &[u8]| {
+                        weight.extend_from_slice(bytes);
+                        Ok(())
+                    };
+                    let produced = producer.write_block(p, &mut write, &sample).unwrap();
+                    written.push((weight, produced));
+                }
+            });
+            assert!(plans.len() > 4, "{} blocks", plans.len());
+            for (plan, (weight, produced)) in plans.iter().zip(&written) {
+                let mut alone = Vec::new();
+                let mut write = |bytes: &[u8]| {
+                    alone.extend_from_slice(bytes);
+                    Ok(())
+                };
+                let single = plan.write_tensors(&index, &mut write, &[]).unwrap();
+                assert_eq!(weight, &alone, "{}", plan.info.name);
+                assert_eq!(produced.bias, single.bias);
+                let node = &patch.replaced[&plan.block.root];
+                let (rows, bias) = (produced.sampled().unwrap(), produced.bias().unwrap());
+                let deviation = crate::verify::check(&index, plan, node, &rows, &bias, None);
+                assert!(deviation.unwrap().rel < 1e-6, "{}", plan.info.name);
+            }
+        });
+    }
+
+    #[test]
+    fn blocks_asked_for_out_of_order_are_an_error_not_a_hang() {
+        let err = finishes(|| {
+            let model = model();
+            let index = GraphIndex::new(&model).unwrap();
+            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
+            Producer::run_with(&index, &plans, vec![0, 1], 2, 1, |producer| {
+                producer
+                    .write_block(1, &mut |_| Ok(()), &[])
+                    .unwrap_err()
+                    .to_string()
+            })
+        });
+        assert!(err.contains("out of the planned order"), "{err}");
+    }
+
+    #[test]
+    fn a_failing_writer_stops_the_workers() {
+        let err = finishes(|| {
+            let model = model();
+            let index = GraphIndex::new(&model).unwrap();
+            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
+            let order: Vec<usize> = (0..plans.len()).collect();
+            Producer::run_with(&index, &plans, order, 2, 1, |producer| {
+                let mut full = |_: &[u8]| Err(Error::Graph("disk full".into()));
+                producer
+                    .write_block(0, &mut full, &[])
+                    .unwrap_err()
+                    .to_string()
+            })
+        });
+        assert_eq!(err, "graph: disk full");
+    }
+
+    #[test]
+    fn a_block_that_no_longer_folds_as_planned_says_so() {
+        let err = finishes(|| {
+            let model = model();
+            let index = GraphIndex::new(&model).unwrap();
+            let mut plans = plan::analyse(&index, Default::default()).unwrap().plans;
+            plans[1].layout.out_channels += 1;
+            let order: Vec<usize> = (0..plans.len()).collect();
+            Producer::run_with(&index, &plans, order, 2, 1, |producer| {
+                producer.write_block(0, &mut |_| Ok(()), &[]).unwrap();
+                producer
+                    .write_block(1, &mut |_| Ok(()), &[])
+                    .unwrap_err()
+                    .to_string()
+            })
+        });
+        let name = "folded to another shape than planned";
+        assert!(err.contains(name), "{err}");
     }
 }

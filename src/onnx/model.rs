@@ -307,3 +307,46 @@ pub(crate) fn map_file(path: &Path) -> Result<Option<Mapped>> {
         map: std::sync::Arc::new(map),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resident kilobytes of the mapping that starts at `start` (from /proc/self/smaps).
+    #[cfg(target_os = "linux")]
+    fn resident_kb(start: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        let head = format!("{start:x}-");
+        lines.by_ref().find(|l| l.starts_with(&head)).unwrap();
+        let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
+        rss.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn releasing_a_range_drops_its_pages_and_keeps_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let mapped = map_file(&path).unwrap().unwrap();
+        let bytes = mapped.bytes();
+        let start = bytes.as_ptr() as usize;
+        assert_eq!(
+            bytes.iter().map(|&b| b as u64).sum::<u64>(),
+            data.iter().map(|&b| b as u64).sum::<u64>()
+        );
+        let before = resident_kb(start);
+        assert!(before >= 4000, "{before} kB");
+        // A slice from elsewhere is none of this map's business.
+        mapped.release_range(&data[1 << 20..2 << 20]);
+        assert_eq!(resident_kb(start), before);
+        mapped.release_range(&bytes[(1 << 20) + 100..(3 << 20) - 100]);
+        let after = resident_kb(start);
+        // At least the range's pages go; maybe more: where the kernel maps the file with huge
+        // pages, each one the range touches goes whole (and is read back when touched).
+        assert!(before - after >= 2040, "{before} → {after} kB");
+        assert_eq!(&bytes[..], &data[..]);
+    }
+}
