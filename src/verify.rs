@@ -32,6 +32,9 @@ pub const CHECK_ELEMENTS: usize = 1 << 22;
 /// it; one channel over it is a block out of all proportion, and the check refuses.
 pub const CHECK_WORK: usize = 1 << 26;
 
+/// Values of gathered input a convolution of the check holds at a time (2 MB of f64).
+const PATCH_VALUES: usize = 1 << 18;
+
 /// Default relative tolerance for weights of element type `ty` (of the largest reference value).
 pub fn default_tolerance(ty: FloatType) -> f64 {
     match ty {
@@ -698,85 +701,77 @@ fn conv_here(
             table.len()
         ));
     }
-    let channels = per_group * group;
     let x_std = x.as_standard_layout();
     let x_flat = x_std.as_slice().ok_or("input not contiguous")?;
     let w_std = w.as_standard_layout();
     let w_flat = w_std.as_slice().ok_or("weight not contiguous")?;
     let mut shape = vec![1, outs.len()];
     shape.extend(&out_shape);
-    // Channels last, so that each tap is one contiguous dot product over input channels.
-    let mut x_last = vec![0.0; plane * channels];
-    for (c, values) in x_flat.chunks_exact(plane).enumerate() {
-        for (p, &v) in values.iter().enumerate() {
-            x_last[p * channels + c] = v;
+    if let Some(&oc) = outs.iter().find(|&&oc| oc >= o) {
+        return Err(format!("output channel {oc} out of range"));
+    }
+    // The input under the kernel at each output position is gathered in the weights' own layout
+    // ([channel of the group][tap], zero on the padding), so that a sampled channel's output
+    // there is one contiguous dot product with its row of weights. Positions go in blocks whose
+    // patches stay in cache, each row of weights read once per block.
+    let positions = table.len();
+    let row_len = per_group * tap_count;
+    let per_block = (PATCH_VALUES / row_len.max(1)).clamp(1, positions.max(1));
+    let mut y = vec![0.0; outs.len() * positions];
+    let mut patches = vec![0.0; per_block * row_len];
+    for first in (0..positions).step_by(per_block) {
+        let block = &table[first..(first + per_block).min(positions)];
+        let mut gathered = None;
+        let rows = w_flat.chunks_exact(row_len.max(1));
+        for ((row, weights), &oc) in rows.enumerate().zip(outs) {
+            let g = oc / (o / group);
+            if gathered != Some(g) {
+                let x = &x_flat[g * per_group * plane..(g + 1) * per_group * plane];
+                for (patch, taps) in patches.chunks_exact_mut(row_len.max(1)).zip(block) {
+                    let planes = x.chunks_exact(plane.max(1));
+                    for (under, x) in patch.chunks_exact_mut(tap_count.max(1)).zip(planes) {
+                        for (v, flat) in under.iter_mut().zip(taps) {
+                            *v = flat.map_or(0.0, |f| x[f]);
+                        }
+                    }
+                }
+                gathered = Some(g);
+            }
+            let bias = b.map_or(0.0, |b| b[[oc]]);
+            let out = &mut y[row * positions + first..][..block.len()];
+            for (y, patch) in out.iter_mut().zip(patches.chunks_exact(row_len.max(1))) {
+                *y = bias + dot(weights, patch);
+            }
         }
     }
-    // For each output position, the taps that land inside the input: (tap, position).
-    let inside: Vec<Vec<(usize, usize)>> = table
-        .iter()
-        .map(|taps| {
-            taps.iter()
-                .enumerate()
-                .filter_map(|(t, flat)| flat.map(|f| (t, f)))
-                .collect()
-        })
-        .collect();
-    // One thread (checks run beside the fold, which has the cores): each sampled channel's
-    // weights are transposed into one buffer, every element overwritten each time.
-    let mut w_last = Vec::new();
-    let rows: Vec<Vec<f64>> = outs
-        .iter()
-        .enumerate()
-        .map(|(row, &oc)| {
-            if oc >= o {
-                return Err("output channel out of range".to_string());
-            }
-            let first_input = oc / (o / group) * per_group;
-            let weights = &w_flat[row * per_group * tap_count..][..per_group * tap_count];
-            w_last.resize(per_group * tap_count, 0.0);
-            for (ic, taps) in weights.chunks_exact(tap_count).enumerate() {
-                for (t, &v) in taps.iter().enumerate() {
-                    w_last[t * per_group + ic] = v;
-                }
-            }
-            let values = inside
-                .iter()
-                .map(|taps| {
-                    let bias = b.map_or(0.0, |b| b[[oc]]);
-                    taps.iter().fold(bias, |acc, &(t, flat)| {
-                        let w = &w_last[t * per_group..][..per_group];
-                        let x = &x_last[flat * channels + first_input..][..per_group];
-                        acc + dot(w, x)
-                    })
-                })
-                .collect();
-            Ok(values)
-        })
-        .collect::<Result<_, String>>()?;
-    let y = ArrayD::from_shape_vec(IxDyn(&[outs.len(), table.len()]), rows.concat())
-        .map_err(|e| e.to_string())?;
+    let y =
+        ArrayD::from_shape_vec(IxDyn(&[outs.len(), positions]), y).map_err(|e| e.to_string())?;
     y.into_shape_with_order(IxDyn(&shape))
         .map_err(|e| e.to_string())
 }
 
-/// Dot product with four running sums (vectorizes; the order of additions is fixed).
+/// Dot product with sixteen running sums (four vectors of four: the adds need not wait on each
+/// other; the order of additions is fixed).
 #[inline(always)]
 fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = a4
-        .remainder()
-        .iter()
-        .zip(b4.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut sums = [0.0f64; 4];
-    for (x, y) in a4.zip(b4) {
-        for i in 0..4 {
+    const LANES: usize = 16;
+    let n = a.len().min(b.len());
+    let (a16, a_tail) = a[..n].as_chunks::<LANES>();
+    let (b16, b_tail) = b[..n].as_chunks::<LANES>();
+    let mut sums = [0.0f64; LANES];
+    for (x, y) in a16.iter().zip(b16) {
+        for i in 0..LANES {
             sums[i] += x[i] * y[i];
         }
     }
-    (sums[0] + sums[1]) + (sums[2] + sums[3]) + tail
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            sums[i] += sums[i + width];
+        }
+    }
+    sums[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f64>()
 }
 
 /// ONNX AveragePool of the channels `outs` of `x` (or of those it holds).
@@ -925,5 +920,63 @@ mod tests {
             axis(3, 1, 1, 1, 1).coverage(1).map(|c| c[0]),
             Some((false, true))
         );
+    }
+
+    /// The check's convolution against the ONNX definition spelled out as nested loops, on a
+    /// grouped, strided, dilated, asymmetrically padded 2-D Conv, for a sample of channels.
+    #[test]
+    fn the_convolution_follows_the_onnx_definition() {
+        let (c, o, group, k, size) = (6, 4, 2, [3, 2], [6, 5]);
+        let (strides, dilations, pads) = ([2, 1], [1, 2], [1, 0, 2, 1]);
+        let mut node = NodeProto {
+            name: Some("conv".into()),
+            op_type: Some("Conv".into()),
+            ..Default::default()
+        };
+        node.attribute = vec![
+            attr::new_int("group", group as i64),
+            attr::new_ints("strides", strides.map(|v| v as i64)),
+            attr::new_ints("dilations", dilations.map(|v| v as i64)),
+            attr::new_ints("pads", pads.map(|v| v as i64)),
+        ];
+        let mut state = 7u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let pg = c / group;
+        let x = ArrayD::from_shape_fn(IxDyn(&[1, c, size[0], size[1]]), |_| next());
+        let w = ArrayD::from_shape_fn(IxDyn(&[o, pg, k[0], k[1]]), |_| next());
+        let b = ArrayD::from_shape_fn(IxDyn(&[o]), |_| next());
+        let outs = [1, 2, 3];
+        let rows = w.select(Axis(0), &outs);
+        let got = conv(&node, &x, &rows, o, Some(&b), &outs).unwrap();
+        let extent = |a: usize| {
+            (size[a] + pads[a] + pads[a + 2] - dilations[a] * (k[a] - 1) - 1) / strides[a] + 1
+        };
+        let (h, wd) = (extent(0), extent(1));
+        assert_eq!(got.shape(), &[1, outs.len(), h, wd]);
+        for (r, &oc) in outs.iter().enumerate() {
+            let first = oc / (o / group) * pg;
+            for (i, j) in (0..h).flat_map(|i| (0..wd).map(move |j| (i, j))) {
+                let mut want = b[[oc]];
+                for (ic, ki, kj) in (0..pg).flat_map(|ic| {
+                    (0..k[0]).flat_map(move |ki| (0..k[1]).map(move |kj| (ic, ki, kj)))
+                }) {
+                    let y = (i * strides[0] + ki * dilations[0]) as isize - pads[0] as isize;
+                    let x_ = (j * strides[1] + kj * dilations[1]) as isize - pads[1] as isize;
+                    if (0..size[0] as isize).contains(&y) && (0..size[1] as isize).contains(&x_) {
+                        want += w[[oc, ic, ki, kj]] * x[[0, first + ic, y as usize, x_ as usize]];
+                    }
+                }
+                let g = got[[0, r, i, j]];
+                assert!(
+                    (g - want).abs() < 1e-12,
+                    "channel {oc} at ({i}, {j}): {g} != {want}"
+                );
+            }
+        }
     }
 }
