@@ -485,6 +485,41 @@ mod tests {
         assert_same(&recipe, &affine);
     }
 
+    /// The AVX2 build of the kernel writes the same bytes as the plain one, for every type.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_kernel_writes_the_same_bytes() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        // 240 input channels a group: two tiles of a row, the second one short.
+        let (o, group) = (480, 2);
+        let (_, r3) = branch(o, 240, &[3, 3], geometry(&[1, 1], &[1, 1], group), 10);
+        let (_, r1) = branch(o, 240, &[1, 1], geometry(&[0, 0], &[1, 1], group), 11);
+        let id = Recipe::leaf(
+            Layout::identity(o, group, 2),
+            Source::Identity,
+            1.0,
+            vec![0.0; o],
+        );
+        let (s, t) = params(o, 0.3);
+        let recipe = Recipe::sum(vec![r3.scale_shift(&s, &t).unwrap(), r1, id.negate()]).unwrap();
+        for ty in [
+            FloatType::F32,
+            FloatType::F64,
+            FloatType::F16,
+            FloatType::Bf16,
+        ] {
+            let len = o * recipe.row_len() * ty.size();
+            let (mut plain, mut wide) = (vec![0; len], vec![1; len]);
+            let (mut acc, mut scratch) = (Vec::new(), Vec::new());
+            recipe.encode_rows_here(0..o, ty, &mut plain, &mut acc, &mut scratch);
+            // SAFETY: the CPU has AVX2, checked above.
+            unsafe { recipe.encode_rows_avx2(0..o, ty, &mut wide, &mut acc, &mut scratch) };
+            assert!(plain == wide, "{}", ty.name());
+        }
+    }
+
     #[test]
     fn half_precision_reports_its_rounding() {
         let (_, r) = branch(2, 3, &[3, 3], geometry(&[1, 1], &[1, 1], 1), 9);
