@@ -89,9 +89,8 @@ impl Drop for StopOnDrop<'_, '_, '_> {
 }
 
 impl<'a, 'm> Producer<'a, 'm> {
-    /// Folds `plans` in `order` on [`workers`] threads while `writer`
-    /// takes their tensors with [`Producer::write_block`], in that order; returns what `writer`
-    /// returns.
+    /// Folds `plans` in `order` on [`workers`] threads while `writer` takes their tensors with
+    /// [`Producer::write_block`], in that order; returns what `writer` returns.
     pub fn run<R>(
         index: &'a GraphIndex<'m>,
         plans: &'a [BlockPlan],
@@ -280,7 +279,10 @@ impl<'a, 'm> Producer<'a, 'm> {
             state.next_block += 1;
             position
         };
-        let plan = &self.plans[p];
+        let plan = self
+            .plans
+            .get(p)
+            .ok_or_else(|| Error::Graph(format!("block {p} was not planned")))?;
         let dims = plan.layout.weight_dims();
         let row_bytes = dims[1..].iter().product::<usize>() * plan.dtype.size();
         let mut sampled_dims = dims.clone();
