@@ -70,9 +70,28 @@ fn bench(c: &mut Criterion) {
         "recipe: fold and encode 512x512x3x3 + 1x1 + identity",
         |b| {
             let (mut acc, mut scratch) = (Vec::new(), Vec::new());
-            let mut out = Vec::with_capacity(channels * channels * 9 * 4);
+            // Exactly the rows' bytes: `encode_rows` fills the slice it is given.
+            let mut out = vec![0u8; channels * recipe.row_len() * 4];
+            recipe.encode_rows(
+                0..channels,
+                FloatType::F32,
+                &mut out,
+                &mut acc,
+                &mut scratch,
+            );
+            // The same fold on dense numbers: what the bytes must hold.
+            let want = AffineConv::sum(vec![
+                dense.clone().scale_shift(&scale, &shift).unwrap(),
+                point.clone().scale_shift(&scale, &shift).unwrap(),
+                AffineConv::identity(channels, 1, 2)
+                    .scale_shift(&scale, &shift)
+                    .unwrap(),
+            ])
+            .unwrap();
+            let got = onnx_repvgg::tensor::decode(&out, FloatType::F32);
+            let close = |(g, w): (&f64, &f64)| (g - w).abs() <= 1e-6 * (1.0 + w.abs());
+            assert!(got.iter().zip(want.weight.iter()).all(close));
             b.iter(|| {
-                out.clear();
                 let rows = 0..channels;
                 black_box(recipe.encode_rows(
                     rows,
