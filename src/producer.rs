@@ -407,19 +407,22 @@ mod tests {
     use crate::onnx::Model;
     use crate::plan;
 
-    fn model() -> Model {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/testdata/models/grouped/ts_nofold_op17.onnx"
-        );
-        Model::open(std::path::Path::new(path)).unwrap()
-    }
-
-    /// Runs `body` on a thread of its own and fails the test if it does not finish: a producer
-    /// that hangs must fail, not stall the test run.
-    fn finishes<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `body` on the sample grouped model's index and plans, on a thread of its own, and
+    /// fails the test if it does not finish: a producer that hangs must fail, not stall the run.
+    fn finishes<T: Send + 'static>(
+        body: impl FnOnce(&GraphIndex, Vec<BlockPlan>) -> T + Send + 'static,
+    ) -> T {
         let (send, receive) = mpsc::channel();
-        std::thread::spawn(move || send.send(body()));
+        std::thread::spawn(move || {
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/testdata/models/grouped/ts_nofold_op17.onnx"
+            );
+            let model = Model::open(std::path::Path::new(path)).unwrap();
+            let index = GraphIndex::new(&model).unwrap();
+            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
+            send.send(body(&index, plans))
+        });
         match receive.recv_timeout(Duration::from_secs(120)) {
             Ok(value) => value,
             Err(mpsc::RecvTimeoutError::Timeout) => panic!("the producer hung"),
@@ -432,14 +435,11 @@ mod tests {
     /// checked against its original subgraph.
     #[test]
     fn one_queue_for_all_blocks_writes_what_each_block_alone_writes() {
-        finishes(|| {
-            let model = model();
-            let index = GraphIndex::new(&model).unwrap();
-            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
-            let patch = crate::rewrite::build(&index, &plans);
+        finishes(|index, plans| {
+            let patch = crate::rewrite::build(index, &plans);
             let order: Vec<usize> = (0..plans.len()).collect();
             let mut written = Vec::new();
-            Producer::run_with(&index, &plans, order.clone(), 3, 1, |producer| {
+            Producer::run_with(index, &plans, order.clone(), 3, 1, |producer| {
                 for &p in &order {
                     let mut weight = Vec::new();
                     let sample: Vec<usize> = (0..plans[p].layout.out_channels).collect();
@@ -458,12 +458,12 @@ mod tests {
                     alone.extend_from_slice(bytes);
                     Ok(())
                 };
-                let single = plan.write_tensors(&index, &mut write, &[]).unwrap();
+                let single = plan.write_tensors(index, &mut write, &[]).unwrap();
                 assert_eq!(weight, &alone, "{}", plan.info.name);
                 assert_eq!(produced.bias, single.bias);
                 let node = &patch.replaced[&plan.block.root];
                 let (rows, bias) = (produced.sampled().unwrap(), produced.bias().unwrap());
-                let deviation = crate::verify::check(&index, plan, node, &rows, &bias, None);
+                let deviation = crate::verify::check(index, plan, node, &rows, &bias, None);
                 assert!(deviation.unwrap().rel < 1e-6, "{}", plan.info.name);
             }
         });
@@ -471,11 +471,8 @@ mod tests {
 
     #[test]
     fn blocks_asked_for_out_of_order_are_an_error_not_a_hang() {
-        let err = finishes(|| {
-            let model = model();
-            let index = GraphIndex::new(&model).unwrap();
-            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
-            Producer::run_with(&index, &plans, vec![0, 1], 2, 1, |producer| {
+        let err = finishes(|index, plans| {
+            Producer::run_with(index, &plans, vec![0, 1], 2, 1, |producer| {
                 producer
                     .write_block(1, &mut |_| Ok(()), &[])
                     .unwrap_err()
@@ -487,12 +484,9 @@ mod tests {
 
     #[test]
     fn a_failing_writer_stops_the_workers() {
-        let err = finishes(|| {
-            let model = model();
-            let index = GraphIndex::new(&model).unwrap();
-            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
+        let err = finishes(|index, plans| {
             let order: Vec<usize> = (0..plans.len()).collect();
-            Producer::run_with(&index, &plans, order, 2, 1, |producer| {
+            Producer::run_with(index, &plans, order, 2, 1, |producer| {
                 let mut full = |_: &[u8]| Err(Error::Graph("disk full".into()));
                 producer
                     .write_block(0, &mut full, &[])
@@ -505,13 +499,10 @@ mod tests {
 
     #[test]
     fn a_block_that_no_longer_folds_as_planned_says_so() {
-        let err = finishes(|| {
-            let model = model();
-            let index = GraphIndex::new(&model).unwrap();
-            let mut plans = plan::analyse(&index, Default::default()).unwrap().plans;
+        let err = finishes(|index, mut plans| {
             plans[1].layout.out_channels += 1;
             let order: Vec<usize> = (0..plans.len()).collect();
-            Producer::run_with(&index, &plans, order, 2, 1, |producer| {
+            Producer::run_with(index, &plans, order, 2, 1, |producer| {
                 producer.write_block(0, &mut |_| Ok(()), &[]).unwrap();
                 producer
                     .write_block(1, &mut |_| Ok(()), &[])
