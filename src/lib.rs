@@ -313,7 +313,14 @@ fn fuse(
             if let Some(path) = sidecar {
                 onnx::output::check_output(path, &protected)?;
             }
-            onnx::output::write_with(output, sidecar, options.sync, write)?;
+            let model = onnx::output::Planned {
+                path: output,
+                len: planned.model_len,
+            };
+            let sidecar = sidecar
+                .zip(planned.sidecar_len)
+                .map(|(path, len)| onnx::output::Planned { path, len });
+            onnx::output::write_with(model, sidecar, options.sync, write)?;
         }
         Target::Memory(out) => {
             if planned.sidecar_len.is_some() {
