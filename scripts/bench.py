@@ -11,7 +11,7 @@ optimized_model_filepath), onnxsim and onnxoptimizer (fuse_bn_into_conv and frie
 
 Models come from `python testdata/generate.py --full DIR --models RepVGG-B3 ...`.
 
-Usage: python scripts/bench.py [--runs N] [--tools a,b] MODEL.onnx...
+Usage: python scripts/bench.py [--runs N] [--tools a,b] [--settle] MODEL.onnx...
 Needs: pip install onnx onnxruntime onnxsim onnxoptimizer (see scripts/requirements-bench.txt).
 """
 
@@ -89,6 +89,9 @@ def main():
     ap.add_argument("models", nargs="+")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tools", help="comma-separated subset")
+    ap.add_argument("--settle", action="store_true",
+                    help="run `sync` before every timed run, so that no tool pays for the writeback "
+                         "of the files written before it")
     args = ap.parse_args()
     print("| model | size | tool | wall (median) | × cp | peak RSS (median) | × size | Conv/BN/Add after |")
     print("|---|---|---|---|---|---|---|---|")
@@ -105,6 +108,8 @@ def main():
             after = {}
             for _ in range(args.runs):
                 for n in names:
+                    if args.settle:
+                        subprocess.run(["sync"], check=True)
                     try:
                         samples[n].append(timed(table[n]))
                         after[n] = block_ops(out)
