@@ -247,9 +247,10 @@ fn fuse(
             if written != p {
                 return Err(Error::Graph("the blocks were checked out of order".into()));
             }
-            let (rows, bias) = (produced.sampled()?, produced.bias()?);
+            let rows = verify::Values::Stored(&produced.sampled_bytes, produced.dtype);
+            let bias = produced.bias()?;
             let deviation =
-                verify::compare(&expected?, plan, node, &rows, &bias, options.tolerance)?;
+                verify::compare(&expected?, plan, node, rows, &bias, options.tolerance)?;
             deviations.push((p, deviation));
         }
         Ok(deviations)

@@ -213,61 +213,6 @@ pub fn data(t: &TensorProto, external: &ExternalStore) -> Result<Data> {
     }
 }
 
-/// Reads only the slices `rows` of a float tensor's first axis (e.g. some output channels of a
-/// convolution weight), without converting the rest.
-pub fn read_f64_rows(
-    t: &TensorProto,
-    external: &ExternalStore,
-    rows: &[usize],
-) -> Result<ArrayD<f64>> {
-    let name = t.name.as_deref().unwrap_or("");
-    let ty = float_type(t)?;
-    let (dims, count) = shape(t)?;
-    let Some(&first) = dims.first() else {
-        return Err(Error::tensor(name, "a scalar has no rows"));
-    };
-    if let Some(&r) = rows.iter().find(|&&r| r >= first) {
-        return Err(Error::tensor(name, format!("row {r} of {first}")));
-    }
-    let row_len = count / first.max(1);
-    let raw = stored_bytes(t, external, count)?;
-    let mut values = Vec::with_capacity(rows.len() * row_len);
-    match raw {
-        Some(raw) => {
-            let row_bytes = row_len * ty.size();
-            if count.checked_mul(ty.size()) != Some(raw.len()) {
-                return Err(Error::tensor(
-                    name,
-                    format!(
-                        "dims need {count} values but the data holds {} bytes",
-                        raw.len()
-                    ),
-                ));
-            }
-            // Consecutive rows are decoded in one go.
-            let mut i = 0;
-            while i < rows.len() {
-                let mut j = i + 1;
-                while j < rows.len() && rows[j] == rows[j - 1] + 1 {
-                    j += 1;
-                }
-                let bytes = &raw[rows[i] * row_bytes..(rows[j - 1] + 1) * row_bytes];
-                decode_into(bytes, ty, &mut values);
-                i = j;
-            }
-        }
-        None => {
-            let all = from_typed_fields(t, ty, count)?;
-            for &r in rows {
-                values.extend_from_slice(&all[r * row_len..(r + 1) * row_len]);
-            }
-        }
-    }
-    let mut shape = dims.clone();
-    shape[0] = rows.len();
-    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| Error::tensor(name, e.to_string()))
-}
-
 fn from_le_bytes(name: &str, raw: &Bytes, ty: FloatType, count: usize) -> Result<Vec<f64>> {
     let expected = count.checked_mul(ty.size());
     if expected != Some(raw.len()) {

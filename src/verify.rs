@@ -63,8 +63,48 @@ pub struct FusedConv<'a> {
     /// The output channels compared (see [`sample`]).
     pub sample: &'a [usize],
     /// Rows of the weight for the output channels `sample`, in that order.
-    pub rows: &'a ArrayD<f64>,
+    pub rows: Values<'a>,
     pub bias: &'a ArrayD<f64>,
+}
+
+/// Weight values, decoded or as stored (little-endian `FloatType`, decoded a row at a time as a
+/// convolution needs it, so that no decoded copy of many rows is ever made).
+#[derive(Debug, Clone, Copy)]
+pub enum Values<'a> {
+    Decoded(&'a [f64]),
+    Stored(&'a [u8], FloatType),
+}
+
+impl Values<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Values::Decoded(v) => v.len(),
+            Values::Stored(bytes, ty) => bytes.len() / ty.size(),
+        }
+    }
+
+    /// Values `start..start + len`: borrowed, or decoded into `buffer`.
+    #[inline(always)]
+    fn get<'b>(&'b self, start: usize, len: usize, buffer: &'b mut Vec<f64>) -> &'b [f64] {
+        match *self {
+            Values::Decoded(v) => &v[start..start + len],
+            Values::Stored(bytes, ty) => {
+                buffer.clear();
+                let size = ty.size();
+                tensor::decode_into(&bytes[start * size..(start + len) * size], ty, buffer);
+                buffer
+            }
+        }
+    }
+}
+
+/// A convolution weight as the check reads it: its dims `[O, C/group, k…]` and the values of its
+/// rows, either every row (`whole`) or just those of the sampled output channels, in order.
+#[derive(Debug, Clone, Copy)]
+struct Weight<'a> {
+    dims: &'a [usize],
+    values: Values<'a>,
+    whole: bool,
 }
 
 /// An activation: `[1, channels, spatial…]`, where `channels` lists which of the tensor's
@@ -179,12 +219,13 @@ pub fn expect(
 
 /// How far the fused Conv, as written, is from what the original computed.
 pub fn deviation(expected: &Expected, fused: &FusedConv) -> Result<Deviation, String> {
-    let (w, b) = (fused.rows, fused.bias);
-    if fused.dims.len() < 3 || w.shape()[0] != fused.sample.len() {
-        return Err("the fused rows do not match the sample".into());
-    }
+    let weight = Weight {
+        dims: fused.dims,
+        values: fused.rows,
+        whole: false,
+    };
     let (x, want) = (&expected.x, &expected.want);
-    let got = conv(fused.node, x, w, fused.dims[0], Some(b), fused.sample)?;
+    let got = conv(fused.node, x, &weight, Some(fused.bias), fused.sample)?;
     if want.shape() != got.shape() {
         return Err(format!(
             "the original computes shape {:?}, the fused Conv {:?}",
@@ -371,14 +412,23 @@ impl Reference<'_, '_> {
                     .index
                     .constant(input(1))
                     .ok_or_else(|| format!("weight '{}' is not a constant", input(1)))?;
-                let out_channels = weight.dims.first().map_or(0, |&d| d.max(0) as usize);
-                let w = tensor::read_f64_rows(&weight, &self.index.model.external, &sample)
-                    .map_err(|e| e.to_string())?;
+                let external = &self.index.model.external;
+                let (dims, _) = tensor::shape(&weight).map_err(|e| e.to_string())?;
+                let data = tensor::data(&weight, external).map_err(|e| e.to_string())?;
+                let values = match &data {
+                    tensor::Data::Raw(bytes, ty) => Values::Stored(bytes, *ty),
+                    tensor::Data::Values(values) => Values::Decoded(values),
+                };
+                let weight = Weight {
+                    dims: &dims,
+                    values,
+                    whole: true,
+                };
                 let b = match input(2) {
                     "" => None,
                     name => Some(self.constant(name)?),
                 };
-                let data = conv(node, &x.data, &w, out_channels, b.as_ref(), &sample)?;
+                let data = conv(node, &x.data, &weight, b.as_ref(), &sample)?;
                 Ok(Act {
                     data,
                     channels: Some(sample),
@@ -629,22 +679,21 @@ fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
     idx
 }
 
-/// Direct convolution (ONNX Conv) of `x` `[1, C, spatial…]` for the output channels `outs` of a
-/// weight with `o` output channels; `w` holds just those rows, in that order.
+/// Direct convolution (ONNX Conv) of `x` `[1, C, spatial…]` for the output channels `outs` of the
+/// weight `w`.
 fn conv(
     node: &NodeProto,
     x: &ArrayD<f64>,
-    w: &ArrayD<f64>,
-    o: usize,
+    w: &Weight,
     b: Option<&ArrayD<f64>>,
     outs: &[usize],
 ) -> Result<ArrayD<f64>, String> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { conv_avx2(node, x, w, o, b, outs) };
+        return unsafe { conv_avx2(node, x, w, b, outs) };
     }
-    conv_here(node, x, w, o, b, outs)
+    conv_here(node, x, w, b, outs)
 }
 
 /// [`conv`] compiled for AVX2: the same operations in the same order (no fused multiply-add).
@@ -653,36 +702,41 @@ fn conv(
 fn conv_avx2(
     node: &NodeProto,
     x: &ArrayD<f64>,
-    w: &ArrayD<f64>,
-    o: usize,
+    w: &Weight,
     b: Option<&ArrayD<f64>>,
     outs: &[usize],
 ) -> Result<ArrayD<f64>, String> {
-    conv_here(node, x, w, o, b, outs)
+    conv_here(node, x, w, b, outs)
 }
 
 #[inline(always)]
 fn conv_here(
     node: &NodeProto,
     x: &ArrayD<f64>,
-    w: &ArrayD<f64>,
-    o: usize,
+    w: &Weight,
     b: Option<&ArrayD<f64>>,
     outs: &[usize],
 ) -> Result<ArrayD<f64>, String> {
-    if w.ndim() < 3 || x.ndim() != w.ndim() {
+    if w.dims.len() < 3 || x.ndim() != w.dims.len() {
         return Err("weight and input ranks disagree".into());
     }
-    let kernel = &w.shape()[2..];
+    let (o, per_group, kernel) = (w.dims[0], w.dims[1], &w.dims[2..]);
     let rank = kernel.len();
     let spatial = &x.shape()[2..];
     let group = attr::int(node, "group").unwrap_or(1).max(1) as usize;
-    let per_group = w.shape()[1];
-    if w.shape()[0] != outs.len() || x.shape()[1] != per_group * group || !o.is_multiple_of(group) {
+    if x.shape()[1] != per_group * group || !o.is_multiple_of(group) {
         return Err(format!(
             "Conv '{}': channels do not match its groups",
             node.name()
         ));
+    }
+    let row_len = kernel
+        .iter()
+        .try_fold(per_group, |n, &k| n.checked_mul(k))
+        .ok_or("the weight is too large to check")?;
+    let rows = if w.whole { o } else { outs.len() };
+    if rows.checked_mul(row_len) != Some(w.values.len()) {
+        return Err("the weight's values do not match its dims".into());
     }
     let strides = ints_or(node, "strides", 1, rank);
     let dilations = ints_or(node, "dilations", 1, rank);
@@ -703,8 +757,6 @@ fn conv_here(
     }
     let x_std = x.as_standard_layout();
     let x_flat = x_std.as_slice().ok_or("input not contiguous")?;
-    let w_std = w.as_standard_layout();
-    let w_flat = w_std.as_slice().ok_or("weight not contiguous")?;
     let mut shape = vec![1, outs.len()];
     shape.extend(&out_shape);
     if let Some(&oc) = outs.iter().find(|&&oc| oc >= o) {
@@ -715,15 +767,16 @@ fn conv_here(
     // there is one contiguous dot product with its row of weights. Positions go in blocks whose
     // patches stay in cache, each row of weights read once per block.
     let positions = table.len();
-    let row_len = per_group * tap_count;
     let per_block = (PATCH_VALUES / row_len.max(1)).clamp(1, positions.max(1));
     let mut y = vec![0.0; outs.len() * positions];
     let mut patches = vec![0.0; per_block * row_len];
+    let mut decoded = Vec::with_capacity(row_len);
     for first in (0..positions).step_by(per_block) {
         let block = &table[first..(first + per_block).min(positions)];
         let mut gathered = None;
-        let rows = w_flat.chunks_exact(row_len.max(1));
-        for ((row, weights), &oc) in rows.enumerate().zip(outs) {
+        for (row, &oc) in outs.iter().enumerate() {
+            let at = if w.whole { oc } else { row } * row_len;
+            let weights = w.values.get(at, row_len, &mut decoded);
             let g = oc / (o / group);
             if gathered != Some(g) {
                 let x = &x_flat[g * per_group * plane..(g + 1) * per_group * plane];
@@ -829,7 +882,9 @@ pub fn check(
     tolerance: Option<f64>,
 ) -> crate::Result<Deviation> {
     let expected = reference(index, plan, node)?;
-    compare(&expected, plan, node, rows, bias, tolerance)
+    let rows = rows.as_standard_layout();
+    let values = Values::Decoded(rows.as_slice().unwrap_or(&[]));
+    compare(&expected, plan, node, values, bias, tolerance)
 }
 
 fn failure(plan: &crate::plan::BlockPlan, reason: String) -> crate::Error {
@@ -852,12 +907,13 @@ pub fn reference(
         .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))
 }
 
-/// The second half of [`check`]: the fused Conv as written against `expected`.
+/// The second half of [`check`]: the fused Conv as written (`rows`: the written weight rows of
+/// [`sample`]`(plan)`, in that order) against `expected`.
 pub fn compare(
     expected: &Expected,
     plan: &crate::plan::BlockPlan,
     node: &NodeProto,
-    rows: &ArrayD<f64>,
+    rows: Values,
     bias: &ArrayD<f64>,
     tolerance: Option<f64>,
 ) -> crate::Result<Deviation> {
@@ -952,10 +1008,23 @@ mod tests {
         let b = ArrayD::from_shape_fn(IxDyn(&[o]), |_| next());
         let outs = [1, 2, 3];
         let rows = w.select(Axis(0), &outs);
-        let got = conv(&node, &x, &rows, o, Some(&b), &outs).unwrap();
-        // Both builds of it compute the same numbers.
-        let plain = conv_here(&node, &x, &rows, o, Some(&b), &outs).unwrap();
+        let dims = [o, pg, k[0], k[1]];
+        let sampled = Weight {
+            dims: &dims,
+            values: Values::Decoded(rows.as_slice().unwrap()),
+            whole: false,
+        };
+        let got = conv(&node, &x, &sampled, Some(&b), &outs).unwrap();
+        // Both builds of it compute the same numbers, and so does the whole weight as stored.
+        let plain = conv_here(&node, &x, &sampled, Some(&b), &outs).unwrap();
         assert_eq!(got, plain);
+        let stored = tensor::to_le_bytes(&w, FloatType::F64);
+        let whole = Weight {
+            dims: &dims,
+            values: Values::Stored(&stored, FloatType::F64),
+            whole: true,
+        };
+        assert_eq!(conv(&node, &x, &whole, Some(&b), &outs).unwrap(), got);
         let extent = |a: usize| {
             (size[a] + pads[a] + pads[a + 2] - dilations[a] * (k[a] - 1) - 1) / strides[a] + 1
         };
