@@ -123,27 +123,6 @@ pub struct Expected {
     want: ArrayD<f64>,
 }
 
-/// Runs the original subgraph producing the block's output and the fused Conv on the same input;
-/// `Err` says why the reference could not run.
-pub fn check_block(
-    index: &GraphIndex,
-    input: &str,
-    output: &str,
-    fused: &FusedConv,
-    seed: u64,
-) -> Result<Deviation, String> {
-    let expected = expect(
-        index,
-        input,
-        output,
-        fused.node,
-        fused.dims,
-        fused.sample,
-        seed,
-    )?;
-    deviation(&expected, fused)
-}
-
 /// The check's input for a fused Conv `node` with weight `dims`, and the original subgraph (from
 /// `input` to `output`) run on it for the output channels `sample`.
 pub fn expect(

@@ -80,7 +80,7 @@ const KNOWN: &[(&str, Expect, &str)] = &[
     (
         "verify_dilation_overflow.onnx",
         Expect::Error("the dilated kernel is too large to check"),
-        "verify.rs check_block(): dilation × (kernel − 1) overflowed",
+        "verify.rs check_block() (now expect()): dilation × (kernel − 1) overflowed",
     ),
     (
         "verify_huge_pads_timeout.onnx",
@@ -92,13 +92,14 @@ const KNOWN: &[(&str, Expect, &str)] = &[
     (
         "verify_input_too_large.onnx",
         Expect::Error("the check's input [1, 2, 4398046511105, 3298534883329] would be too large"),
-        "verify.rs check_block(): ndarray 'Shape too large' for the check's input (dilation 2^40)",
+        "verify.rs check_block() (now expect()): ndarray 'Shape too large' for the check's \
+         input (dilation 2^40)",
     ),
     (
         "verify_zero_kernel.onnx",
         // Conv weight [6, 6, 0] → BN: an empty kernel is no block to fold.
         Expect::Fused(0),
-        "verify.rs check_block(): kernel − 1 underflowed on a zero-sized kernel",
+        "verify.rs check_block() (now expect()): kernel − 1 underflowed on a zero-sized kernel",
     ),
 ];
 
