@@ -33,6 +33,7 @@ pub mod recipe;
 pub mod report;
 pub mod rewrite;
 pub mod shapes;
+pub mod simd;
 pub mod tensor;
 pub mod verify;
 

@@ -161,8 +161,9 @@ impl BlockPlan {
 
 /// Memory folding the plans takes beyond the mapped files, for the hungriest block (blocks are
 /// written one at a time, and checked one behind): the encoded chunks in flight (those folded
-/// ahead of the writer and those being folded), each worker's row buffers, the checked rows of up to three blocks and, for
-/// tensors stored as typed fields rather than raw bytes, their values decoded whole.
+/// ahead of the writer and those being folded), each worker's row buffers (at most a row each),
+/// the sampled rows of up to three blocks as written (the check decodes one row at a time) and,
+/// for tensors stored as typed fields rather than raw bytes, their values decoded whole.
 pub fn working_memory(index: &GraphIndex, plans: &[BlockPlan]) -> u64 {
     let threads = producer::workers() as u64;
     let block = |p: &BlockPlan| {
@@ -170,7 +171,8 @@ pub fn working_memory(index: &GraphIndex, plans: &[BlockPlan]) -> u64 {
         let chunk = row.max(producer::CHUNK_ELEMENTS as u64) * p.dtype.size() as u64;
         let in_flight = (producer::AHEAD_PER_WORKER as u64 + 1) * threads * chunk;
         let rows = threads * 2 * row * 8;
-        let checked = 3 * crate::verify::sample(p).len() as u64 * row * 8;
+        let sampled = crate::verify::sample(p).len() as u64 * row * p.dtype.size() as u64;
+        let checked = 3 * sampled + row * 8;
         let typed = p
             .block
             .nodes()

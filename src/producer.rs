@@ -300,8 +300,7 @@ impl<'a, 'm> Producer<'a, 'm> {
                     row.copy_from_slice(&chunk.encoded[at..at + row_bytes]);
                 }
             }
-            rounding.largest = rounding.largest.max(chunk.rounding.largest);
-            rounding.rounded = rounding.rounded.max(chunk.rounding.rounded);
+            rounding = rounding.combine(chunk.rounding);
             unreleased += chunk.encoded.len();
             if unreleased > RELEASE_BYTES {
                 // The input pages of the rows written so far (the workers are past them).
@@ -322,7 +321,7 @@ impl<'a, 'm> Producer<'a, 'm> {
         let mut bias = Vec::new();
         tensor::encode_into(&recipe.bias, plan.dtype, &mut bias);
         let half = matches!(plan.dtype, FloatType::F16 | FloatType::Bf16);
-        let rounding = half.then(|| rounding.rounded / rounding.largest.max(f64::MIN_POSITIVE));
+        let rounding = half.then(|| rounding.relative());
         Ok(Produced {
             bias: bias.into(),
             sampled_bytes: sampled,

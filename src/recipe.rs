@@ -162,27 +162,10 @@ impl Recipe {
         acc: &mut Vec<f64>,
         scratch: &mut Vec<f64>,
     ) -> Rounding {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { self.encode_rows_avx2(rows, ty, out, acc, scratch) };
-        }
-        self.encode_rows_here(rows, ty, out, acc, scratch)
-    }
-
-    /// [`Recipe::encode_rows`] compiled for AVX2: the same operations in the same order (no
-    /// fused multiply-add), so the same bytes, twice as many values per instruction.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn encode_rows_avx2(
-        &self,
-        rows: Range<usize>,
-        ty: FloatType,
-        out: &mut [u8],
-        acc: &mut Vec<f64>,
-        scratch: &mut Vec<f64>,
-    ) -> Rounding {
-        self.encode_rows_here(rows, ty, out, acc, scratch)
+        crate::simd::with_avx2(
+            #[inline(always)]
+            || self.encode_rows_here(rows, ty, out, acc, scratch),
+        )
     }
 
     #[inline(always)]
@@ -195,9 +178,10 @@ impl Recipe {
         scratch: &mut Vec<f64>,
     ) -> Rounding {
         let mut rounding = Rounding::default();
+        let half = matches!(ty, FloatType::F16 | FloatType::Bf16);
         let plane: usize = self.layout.kernel.iter().product::<usize>().max(1);
         let in_pg = self.layout.in_per_group;
-        let row_bytes = in_pg * plane * ty.size();
+        let row_bytes = self.row_len() * ty.size();
         // The first part starts each row when it covers the whole kernel (see `sum`).
         let (start, rest) = match self.parts.split_first() {
             Some((first, rest)) if covers(first, plane) => (Some(first), rest),
@@ -206,30 +190,27 @@ impl Recipe {
         // A row goes through `acc` a tile of input channels at a time, small enough to stay in
         // the first-level cache between reading the sources and encoding.
         let tile = (TILE_VALUES / plane).max(1);
-        let most = tile.min(in_pg) * plane;
+        let widest = tile.min(in_pg);
         let longest = self.parts.iter().map(|p| p.taps.len()).max().unwrap_or(0);
-        if acc.len() < most {
-            acc.resize(most, 0.0);
+        if acc.len() < widest * plane {
+            acc.resize(widest * plane, 0.0);
         }
-        if scratch.len() < tile.min(in_pg) * longest {
-            scratch.resize(tile.min(in_pg) * longest, 0.0);
+        if scratch.len() < widest * longest {
+            scratch.resize(widest * longest, 0.0);
         }
+        let plane_bytes = plane * ty.size();
         for (o, out) in rows.zip(out.chunks_exact_mut(row_bytes.max(1))) {
             for first in (0..in_pg).step_by(tile) {
                 let channels = first..(first + tile).min(in_pg);
                 let acc = &mut acc[..channels.len() * plane];
                 self.tile(o, channels.clone(), plane, start, rest, acc, scratch);
-                let bytes = plane * ty.size();
-                tensor::encode_to(
-                    acc,
-                    ty,
-                    &mut out[channels.start * bytes..channels.end * bytes],
-                );
-                if matches!(ty, FloatType::F16 | FloatType::Bf16) {
+                let out = &mut out[channels.start * plane_bytes..channels.end * plane_bytes];
+                tensor::encode_to(acc, ty, out);
+                if half {
                     rounding.merge(ty, acc);
                 }
             }
-            if matches!(ty, FloatType::F16 | FloatType::Bf16) {
+            if half {
                 rounding.merge(ty, &self.bias[o..=o]);
             }
         }
@@ -322,6 +303,19 @@ fn remap(
 }
 
 impl Rounding {
+    /// Both roundings' worst: that of values written in two parts.
+    pub fn combine(self, other: Rounding) -> Rounding {
+        Rounding {
+            largest: self.largest.max(other.largest),
+            rounded: self.rounded.max(other.rounded),
+        }
+    }
+
+    /// The largest change rounding made, relative to the largest value written.
+    pub fn relative(&self) -> f64 {
+        self.rounded / self.largest.max(f64::MIN_POSITIVE)
+    }
+
     fn merge(&mut self, ty: FloatType, values: &[f64]) {
         for &v in values {
             self.largest = self.largest.max(v.abs());
@@ -514,8 +508,8 @@ mod tests {
             let (mut plain, mut wide) = (vec![0; len], vec![1; len]);
             let (mut acc, mut scratch) = (Vec::new(), Vec::new());
             recipe.encode_rows_here(0..o, ty, &mut plain, &mut acc, &mut scratch);
-            // SAFETY: the CPU has AVX2, checked above.
-            unsafe { recipe.encode_rows_avx2(0..o, ty, &mut wide, &mut acc, &mut scratch) };
+            // The CPU has AVX2 (checked above): this runs the AVX2 build.
+            recipe.encode_rows(0..o, ty, &mut wide, &mut acc, &mut scratch);
             assert!(plain == wide, "{}", ty.name());
         }
     }

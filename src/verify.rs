@@ -54,19 +54,6 @@ pub struct Deviation {
     pub rel: f64,
 }
 
-/// The fused Conv of a block, as written: its node, the written rows of the sampled output
-/// channels (see [`sample`]) and the written bias.
-pub struct FusedConv<'a> {
-    pub node: &'a NodeProto,
-    /// The weight's dims.
-    pub dims: &'a [usize],
-    /// The output channels compared (see [`sample`]).
-    pub sample: &'a [usize],
-    /// Rows of the weight for the output channels `sample`, in that order.
-    pub rows: Values<'a>,
-    pub bias: &'a ArrayD<f64>,
-}
-
 /// Weight values, decoded or as stored (little-endian `FloatType`, decoded a row at a time as a
 /// convolution needs it, so that no decoded copy of many rows is ever made).
 #[derive(Debug, Clone, Copy)]
@@ -121,17 +108,19 @@ struct Act {
 pub struct Expected {
     x: ArrayD<f64>,
     want: ArrayD<f64>,
+    /// The output channels compared (see [`sample`]).
+    sample: Vec<usize>,
 }
 
 /// The check's input for a fused Conv `node` with weight `dims`, and the original subgraph (from
 /// `input` to `output`) run on it for the output channels `sample`.
-pub fn expect(
+fn expect(
     index: &GraphIndex,
     input: &str,
     output: &str,
     node: &NodeProto,
     dims: &[usize],
-    sample: &[usize],
+    sample: Vec<usize>,
     seed: u64,
 ) -> Result<Expected, String> {
     if dims.len() < 3 {
@@ -188,23 +177,30 @@ pub fn expect(
             data: x.clone(),
             channels: None,
         },
-        sample,
+        sample: &sample,
         memo: HashMap::new(),
     };
     let want = reference.value(output, 0)?;
-    let want = select(&want, sample)?;
-    Ok(Expected { x, want })
+    let want = select(&want, &sample)?;
+    Ok(Expected { x, want, sample })
 }
 
-/// How far the fused Conv, as written, is from what the original computed.
-pub fn deviation(expected: &Expected, fused: &FusedConv) -> Result<Deviation, String> {
+/// How far the fused Conv `node` (weight `dims`), as written — `rows` of the sampled output
+/// channels, in order, and `bias` — is from what the original computed.
+fn deviation(
+    expected: &Expected,
+    node: &NodeProto,
+    dims: &[usize],
+    rows: Values,
+    bias: &ArrayD<f64>,
+) -> Result<Deviation, String> {
     let weight = Weight {
-        dims: fused.dims,
-        values: fused.rows,
+        dims,
+        values: rows,
         whole: false,
     };
     let (x, want) = (&expected.x, &expected.want);
-    let got = conv(fused.node, x, &weight, Some(fused.bias), fused.sample)?;
+    let got = conv(node, x, &weight, Some(bias), &expected.sample)?;
     if want.shape() != got.shape() {
         return Err(format!(
             "the original computes shape {:?}, the fused Conv {:?}",
@@ -667,25 +663,10 @@ fn conv(
     b: Option<&ArrayD<f64>>,
     outs: &[usize],
 ) -> Result<ArrayD<f64>, String> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { conv_avx2(node, x, w, b, outs) };
-    }
-    conv_here(node, x, w, b, outs)
-}
-
-/// [`conv`] compiled for AVX2: the same operations in the same order (no fused multiply-add).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn conv_avx2(
-    node: &NodeProto,
-    x: &ArrayD<f64>,
-    w: &Weight,
-    b: Option<&ArrayD<f64>>,
-    outs: &[usize],
-) -> Result<ArrayD<f64>, String> {
-    conv_here(node, x, w, b, outs)
+    crate::simd::with_avx2(
+        #[inline(always)]
+        || conv_here(node, x, w, b, outs),
+    )
 }
 
 #[inline(always)]
@@ -882,7 +863,7 @@ pub fn reference(
 ) -> crate::Result<Expected> {
     let dims = plan.layout.weight_dims();
     let (input, output) = (&plan.block.input, plan.block.output(index));
-    expect(index, input, output, node, &dims, &sample(plan), seed(plan))
+    expect(index, input, output, node, &dims, sample(plan), seed(plan))
         .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))
 }
 
@@ -897,15 +878,7 @@ pub fn compare(
     tolerance: Option<f64>,
 ) -> crate::Result<Deviation> {
     let dims = plan.layout.weight_dims();
-    let sample = sample(plan);
-    let fused = FusedConv {
-        node,
-        dims: &dims,
-        sample: &sample,
-        rows,
-        bias,
-    };
-    let deviation = deviation(expected, &fused)
+    let deviation = deviation(expected, node, &dims, rows, bias)
         .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))?;
     let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.dtype));
     if deviation.rel.is_nan() || deviation.rel > limit {
@@ -994,7 +967,8 @@ mod tests {
             whole: false,
         };
         let got = conv(&node, &x, &sampled, Some(&b), &outs).unwrap();
-        // Both builds of it compute the same numbers, and so does the whole weight as stored.
+        // Both builds of it (see `simd`) compute the same numbers, and so does the whole weight
+        // as stored.
         let plain = conv_here(&node, &x, &sampled, Some(&b), &outs).unwrap();
         assert_eq!(got, plain);
         let stored = tensor::to_le_bytes(&w, FloatType::F64);
