@@ -1,13 +1,14 @@
 //! Command-line interface: clap definitions (their doc comments are the help), and the printing
-//! of reports. Results go to stdout; errors to stderr.
+//! of reports. Results go to stdout; errors to stderr. The binary (`src/main.rs`) is [`main`];
+//! so is the `onnx-repvgg` command of the Python package.
 
 use std::path::PathBuf;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 
+use crate::{BlockInfo, FuseReport, InspectReport, Options};
 use clap::{Parser, Subcommand};
-use onnx_repvgg::{BlockInfo, FuseReport, InspectReport, Options};
 
 type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 
@@ -129,6 +130,33 @@ enum Command {
     Man,
 }
 
+/// The whole command line, as the `onnx-repvgg` binary (and the Python package's command) runs
+/// it: parses `args` (the program name first), runs the command, prints an error once on
+/// stderr, and returns the exit code: 0 success, 1 error, 2 usage.
+pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; usage errors exit 2.
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(args) {
+        Ok(()) => 0,
+        Err(err) if err.is::<clap::Error>() => {
+            if let Ok(usage) = err.downcast::<clap::Error>() {
+                let _ = usage.print();
+            }
+            2
+        }
+        Err(err) => {
+            eprintln!("onnx-repvgg: {err:#}");
+            1
+        }
+    }
+}
+
 /// Runs one command.
 pub fn run(args: Args) -> Result<()> {
     let mut out = String::new();
@@ -180,13 +208,10 @@ pub fn run(args: Args) -> Result<()> {
                     }
                 };
                 let report = match dry_run {
-                    true => onnx_repvgg::dry_run_file(&job.input, options),
-                    false => onnx_repvgg::fuse_file_with_progress(
-                        &job.input,
-                        &job.output,
-                        options,
-                        &tick,
-                    ),
+                    true => crate::dry_run_file(&job.input, options),
+                    false => {
+                        crate::fuse_file_with_progress(&job.input, &job.output, options, &tick)
+                    }
                 }
                 .map_err(anyhow::Error::from);
                 if let Some(bar) = bar {
@@ -264,12 +289,12 @@ pub fn run(args: Args) -> Result<()> {
             input_size,
             int8,
         } => {
-            let options = onnx_repvgg::InspectOptions {
+            let options = crate::InspectOptions {
                 allow_training_bn: allow_training,
                 input_size: input_size.map(|s| s.0),
                 int8,
             };
-            let report = onnx_repvgg::inspect_file_with(&input, &options)?;
+            let report = crate::inspect_file_with(&input, &options)?;
             if json {
                 out = serde_json::to_string_pretty(&report.to_json())? + "\n";
             } else {
@@ -286,7 +311,7 @@ pub fn run(args: Args) -> Result<()> {
                 allow_training_bn: allow_training,
                 ..Options::default()
             };
-            let dot = onnx_repvgg::dot_file(&input, block.as_deref(), options)?;
+            let dot = crate::dot_file(&input, block.as_deref(), options)?;
             let Some(output) = output else {
                 return emit(&dot);
             };
@@ -297,7 +322,7 @@ pub fn run(args: Args) -> Result<()> {
                 true => render_svg(&dot)?,
                 false => dot.into_bytes(),
             };
-            onnx_repvgg::onnx::output::write_bytes(&output, &bytes, false)?;
+            crate::onnx::output::write_bytes(&output, &bytes, false)?;
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -376,15 +401,14 @@ fn jobs(paths: Vec<PathBuf>, out_dir: Option<PathBuf>, dry_run: bool) -> Result<
             }]),
             Err(paths) => {
                 use clap::CommandFactory;
-                Args::command()
-                    .error(
-                        clap::error::ErrorKind::WrongNumberOfValues,
-                        format!(
-                            "fuse takes IN OUT, or inputs with --out-dir DIR ({} paths given)",
-                            paths.len()
-                        ),
-                    )
-                    .exit()
+                let usage = Args::command().error(
+                    clap::error::ErrorKind::WrongNumberOfValues,
+                    format!(
+                        "fuse takes IN OUT, or inputs with --out-dir DIR ({} paths given)",
+                        paths.len()
+                    ),
+                );
+                Err(usage.into())
             }
         },
     }
@@ -434,7 +458,7 @@ fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
     }
     let (bytes, name) = if is_pipe(&job.input) {
         // The model and its fused copy sit in memory: read at most a third of what is free.
-        let cap = onnx_repvgg::memory::available().map_or(u64::MAX, |m| m / 3);
+        let cap = crate::memory::available().map_or(u64::MAX, |m| m / 3);
         let mut bytes = Vec::new();
         std::io::stdin()
             .lock()
@@ -453,7 +477,7 @@ fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", job.input.display()))?;
         (bytes, job.input.clone())
     };
-    let (model, report) = onnx_repvgg::fuse_model_named(bytes.into(), &name, options)?;
+    let (model, report) = crate::fuse_model_named(bytes.into(), &name, options)?;
     if is_pipe(&job.output) {
         let mut stdout = std::io::stdout().lock();
         stdout
@@ -461,18 +485,18 @@ fn fuse_piped(job: &Job, options: Options) -> Result<FuseReport> {
             .and_then(|()| stdout.flush())
             .map_err(|e| anyhow::anyhow!("<stdout>: {e}"))?;
     } else {
-        onnx_repvgg::onnx::output::write_bytes(&job.output, &model, options.sync)?;
+        crate::onnx::output::write_bytes(&job.output, &model, options.sync)?;
     }
     Ok(report)
 }
 
 /// Runs `work` on every job, as many at a time as there are worker threads (one per core, see
-/// [`onnx_repvgg::producer::workers`]), and returns the results in the jobs' order.
+/// [`crate::producer::workers`]), and returns the results in the jobs' order.
 fn run_all<T: Send>(
     jobs: Vec<Job>,
     work: impl Fn(&Job) -> Result<T> + Sync,
 ) -> Vec<(Job, Result<T>)> {
-    let cores = onnx_repvgg::producer::workers();
+    let cores = crate::producer::workers();
     let queue = std::sync::Mutex::new(jobs.into_iter().enumerate());
     let done = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -761,7 +785,7 @@ fn print_int8(out: &mut String, r: &InspectReport) {
         out,
         "{risky} of {} fused kernels below {} dB SQNR with per-tensor INT8",
         rows.len(),
-        onnx_repvgg::quant::RISK_SQNR_DB
+        crate::quant::RISK_SQNR_DB
     );
 }
 

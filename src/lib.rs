@@ -16,6 +16,7 @@
 //! ```
 
 pub mod affine;
+pub mod cli;
 pub mod constant;
 pub mod cost;
 pub mod dot;

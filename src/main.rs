@@ -1,20 +1,11 @@
 //! The `onnx-repvgg` binary: parse arguments, run, print errors once. Exit codes: 0 success,
 //! 1 error, 2 usage.
 
-mod cli;
-
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     tune_allocator();
-    let args = <cli::Args as clap::Parser>::parse();
-    match cli::run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("onnx-repvgg: {err:#}");
-            ExitCode::from(1)
-        }
-    }
+    ExitCode::from(onnx_repvgg::cli::main(std::env::args_os()))
 }
 
 /// glibc returns every freed block over 128 KiB to the kernel at once (unmapped, or trimmed off

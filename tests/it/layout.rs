@@ -1,9 +1,7 @@
 //! The output data layouts through the library: moving inline tensors to a sidecar (what happens
 //! when an output would pass protobuf's 2 GiB limit) gives a model tract runs unchanged.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use onnx_repvgg::graph::GraphIndex;
 use onnx_repvgg::onnx::Model;
 use onnx_repvgg::onnx::splice::{self, DataLayout, EXTERNAL_THRESHOLD, Sink};

@@ -2,9 +2,7 @@
 //! deploy structure op for op and compute PyTorch's outputs in tract; training-mode exports are
 //! refused block by block with the reason; models with nothing to fold come out byte-identical.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn summary_counts(stdout: &str) -> (usize, usize) {
     let line = stdout.lines().next().unwrap_or("");

@@ -2,15 +2,13 @@
 //! must exit 1 with one line naming the file and the culprit, leave nothing in the output folder
 //! and leave the input's bytes unchanged.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use onnx_repvgg::onnx::proto::{ModelProto, TensorProto};
 use prost::Message;
 
 fn training() -> ModelProto {
-    let path = common::testdata().join("models/tiny/ts_nofold_op17.onnx");
+    let path = crate::common::testdata().join("models/tiny/ts_nofold_op17.onnx");
     ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap()
 }
 
@@ -206,7 +204,7 @@ fn every_class_of_bad_input_fails_cleanly() {
     let cases = cases(models.path());
     assert!(cases.len() >= 25);
     for (name, bytes, needle) in cases {
-        let run = common::fuse_fresh(models.path(), &name, &bytes);
+        let run = crate::common::fuse_fresh(models.path(), &name, &bytes);
         run.assert_clean_failure(&name);
         let err = &run.stderr;
         assert!(err.contains(needle), "{name}: '{needle}' not in {err}");
@@ -219,7 +217,7 @@ fn paths_that_would_lose_data_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("model.onnx");
     std::fs::copy(
-        common::testdata().join("models/tiny/ts_nofold_op17.onnx"),
+        crate::common::testdata().join("models/tiny/ts_nofold_op17.onnx"),
         &input,
     )
     .unwrap();
@@ -265,7 +263,7 @@ fn paths_that_would_lose_data_are_refused() {
         ),
     ];
     for (from, to, needle) in cases {
-        let o = common::fuse(&from, &to, &[]);
+        let o = crate::common::fuse(&from, &to, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{from:?} → {to:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{err}");

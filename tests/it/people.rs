@@ -3,13 +3,11 @@
 //! Costs are checked against an independent count: tract's own shape inference and PyTorch's own
 //! deploy export.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 use tract_onnx::prelude::*;
 
 fn tiny(name: &str) -> PathBuf {

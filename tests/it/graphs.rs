@@ -1,12 +1,10 @@
 //! "This graph becomes that graph": hand-built models for each shape the block finder must
 //! accept or refuse, fused by the real binary and compared with the original in tract.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::builder::{Builder, ConvSpec};
-use common::*;
+use crate::common::builder::{Builder, ConvSpec};
+use crate::common::*;
 use tract_onnx::prelude::*;
 
 const SHAPE: [i64; 4] = [1, 4, 6, 6];
@@ -331,7 +329,7 @@ fn a_weight_that_is_also_a_graph_input_is_not_a_constant() {
     let w = b.graph.node[1].input[1].clone();
     b.graph
         .input
-        .push(common::builder::value_info(&w, &[4, 4, 1, 1]));
+        .push(crate::common::builder::value_info(&w, &[4, 4, 1, 1]));
     let y = b.node("Add", &[&c3, &c1], vec![]);
     b.output(&y, &SHAPE);
     let out = fuse_and_compare(&b, 0, &[("Conv", 2), ("Add", 1)]);
@@ -349,7 +347,7 @@ fn value_info_of_removed_values_goes_and_the_rest_stays() {
     for v in [&c3, &c1, &y] {
         b.graph
             .value_info
-            .push(common::builder::value_info(v, &SHAPE));
+            .push(crate::common::builder::value_info(v, &SHAPE));
     }
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));

@@ -1,11 +1,9 @@
 //! The binary as a user and a pipeline see it: output lines, exit codes, refusals, and what is
 //! (not) left on disk when something goes wrong.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use tract_onnx::prelude::Framework;
 
 fn sample() -> PathBuf {

@@ -5,10 +5,8 @@
 //! same values in float32); and random look-alikes that are no block (branches reading
 //! different inputs, a shared internal value) must come out unchanged.
 
-mod common;
-
-use common::builder::{Builder, value_info};
-use common::*;
+use crate::common::builder::{Builder, value_info};
+use crate::common::*;
 use onnx_repvgg::onnx::attr::{new_int, new_ints};
 use onnx_repvgg::onnx::proto::{ModelProto, type_proto};
 use proptest::prelude::*;

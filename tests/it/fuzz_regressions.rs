@@ -7,8 +7,6 @@
 //! dropped into `testdata/fuzz/` is covered without touching this test; the table below pins
 //! the outcome of the known ones.
 
-mod common;
-
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
@@ -109,7 +107,7 @@ fn guarded<T>(name: &str, what: &str, f: impl FnOnce() -> T) -> T {
 }
 
 fn inputs() -> Vec<PathBuf> {
-    let dir = common::testdata().join("fuzz");
+    let dir = crate::common::testdata().join("fuzz");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("testdata/fuzz")
         .map(|e| e.unwrap().path())
@@ -184,7 +182,7 @@ fn the_binary_exits_cleanly() {
         let name = name(&path);
         let bytes = std::fs::read(&path).unwrap();
         let models = tempfile::tempdir().unwrap();
-        let run = common::fuse_fresh(models.path(), &name, &bytes);
+        let run = crate::common::fuse_fresh(models.path(), &name, &bytes);
         let (input, err) = (&run.input, &run.stderr);
         match run.out.status.code() {
             Some(0) => {
@@ -212,7 +210,7 @@ fn the_binary_exits_cleanly() {
             "{name}: input changed"
         );
 
-        let o = common::bin(&["inspect".as_ref(), input.as_os_str()]);
+        let o = crate::common::bin(&["inspect".as_ref(), input.as_os_str()]);
         let err = String::from_utf8_lossy(&o.stderr);
         match o.status.code() {
             Some(0) => {}

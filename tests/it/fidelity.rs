@@ -2,9 +2,7 @@
 //! survive on the model, the graph, untouched nodes and tensors; every untouched field is copied
 //! byte for byte; the same input always gives the same bytes.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use onnx_repvgg::onnx::proto::{NodeProto, TensorProto};
 use onnx_repvgg::onnx::wire::{self, Field, put_bytes_field};
 use prost::Message;

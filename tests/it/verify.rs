@@ -2,9 +2,7 @@
 //! shares nothing with the fold. A deliberately corrupted fold must be caught, and a failed
 //! check must leave nothing on disk.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use onnx_repvgg::graph::GraphIndex;
 use onnx_repvgg::onnx::Model;
 use onnx_repvgg::{plan, rewrite, verify};

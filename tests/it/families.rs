@@ -4,11 +4,9 @@
 //! the PyTorch deploy structure with PyTorch's outputs; what must be refused is refused with the
 //! reason; partial folds keep the outputs.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn families() -> Vec<Fixture> {
     fixtures_in(&testdata().join("families"))
