@@ -76,6 +76,10 @@ enum Command {
         /// cut (off by default, as with cp; the output appears whole or not at all either way).
         #[arg(long, conflicts_with = "dry_run")]
         sync: bool,
+        /// Fail (exit 1, write nothing) when any candidate block cannot be fused; the error
+        /// lists them with the reasons.
+        #[arg(long)]
+        strict: bool,
     },
     /// List the blocks of IN: channels, stride, groups, branches, parameters and FLOPs before →
     /// after, and whether each can be folded (or why not).
@@ -173,12 +177,14 @@ pub fn run(args: Args) -> Result<()> {
             tolerance,
             dry_run,
             sync,
+            strict,
         } => {
             let options = Options {
                 allow_training_bn: allow_training,
                 verify: !no_verify,
                 tolerance,
                 sync,
+                strict,
             };
             let jobs = jobs(paths, out_dir, dry_run)?;
             if let [job] = jobs.as_slice()

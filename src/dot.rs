@@ -99,13 +99,7 @@ impl Picture {
             .plans
             .iter()
             .map(|p| (&p.block, &p.info, true))
-            .chain(
-                analysis
-                    .skipped_blocks
-                    .iter()
-                    .zip(&analysis.skipped)
-                    .map(|(b, i)| (b, i, false)),
-            )
+            .chain(analysis.skipped.iter().map(|s| (&s.block, &s.info, false)))
             .collect();
         all.sort_by_key(|(b, _, _)| b.root);
         for (k, (block, info, fused)) in all.iter().enumerate() {
@@ -266,7 +260,7 @@ fn identity_readers(analysis: &Analysis) -> HashMap<usize, String> {
         .plans
         .iter()
         .map(|p| &p.block)
-        .chain(&analysis.skipped_blocks);
+        .chain(analysis.skipped.iter().map(|s| &s.block));
     for block in blocks {
         visit(&block.term, &mut |t| match t {
             Term::Channel { node, inner, .. } if matches!(**inner, Term::Raw(_)) => {

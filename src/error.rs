@@ -38,12 +38,35 @@ pub enum Error {
     /// A fused block failed its numerical check (nothing was written).
     #[error("block '{block}' failed verification: {reason}")]
     Verify { block: String, reason: String },
+    /// A candidate block has a BatchNormalization in training mode, and folding those was not
+    /// allowed ([`crate::Options::allow_training_bn`]).
+    #[error("block '{block}': {reason}")]
+    Training { block: String, reason: String },
+    /// [`crate::Options::strict`]: some candidate blocks could not be folded (name, reason).
+    #[error("{}", not_fused(.0))]
+    NotFused(Vec<(String, String)>),
+    /// The output broke an invariant the tool guarantees: a bug of ours, never of the model.
+    #[error("internal error: {0}; please report")]
+    Internal(String),
     /// The run would need more memory than is available (see [`crate::memory`]).
     #[error("not enough memory: {0}")]
     Resources(String),
     /// An error about one input file, with the file named.
     #[error("{}: {error}", path.display())]
     InFile { path: PathBuf, error: Box<Error> },
+}
+
+fn not_fused(blocks: &[(String, String)]) -> String {
+    let list: Vec<String> = blocks
+        .iter()
+        .map(|(name, reason)| format!("'{name}' ({reason})"))
+        .collect();
+    format!(
+        "strict: {} candidate block{} not fused: {}",
+        blocks.len(),
+        if blocks.len() == 1 { " was" } else { "s were" },
+        list.join("; ")
+    )
 }
 
 impl Error {

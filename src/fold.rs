@@ -20,6 +20,9 @@ use crate::tensor::{self, FloatType};
 pub enum FoldError {
     /// The block is valid but cannot be folded exactly; the reason is for people.
     Skip(String),
+    /// A BatchNormalization runs in training mode and folding those is not allowed; the reason
+    /// is for people.
+    Training(String),
     /// The model itself is broken (bad tensor data, impossible statistics).
     Invalid(Error),
 }
@@ -567,16 +570,12 @@ fn bn_scale_shift(
 ) -> Result<(Vec<f64>, Vec<f64>), FoldError> {
     let node = index.node(i);
     let name = node.name();
-    let training = attr::int(node, "training_mode") == Some(1)
-        || node.output.iter().skip(1).any(|o| !o.is_empty())
-        || (index.model.default_opset().is_some_and(|v| v < 7)
-            && attr::int(node, "is_test") != Some(1));
-    if training && !options.allow_training_bn {
-        return skip(format!(
+    if is_training_bn(index, i) && !options.allow_training_bn {
+        return Err(FoldError::Training(format!(
             "BatchNormalization '{name}' runs in training mode (the export ran the model in \
              train mode and updated its running statistics): re-export after model.eval(), or pass \
              --allow-training to fold it with its running statistics"
-        ));
+        )));
     }
     if attr::int(node, "spatial") == Some(0) {
         return skip(format!("BatchNormalization '{name}' has spatial=0"));

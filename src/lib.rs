@@ -66,6 +66,8 @@ pub struct Options {
     /// survives a power cut. Off by default, as with `cp`: the output still appears atomically
     /// (whole or not at all) to every other program, and the input is never written.
     pub sync: bool,
+    /// Fail, writing nothing, when any candidate block is not fused ([`Error::NotFused`]).
+    pub strict: bool,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             verify: true,
             tolerance: None,
             sync: false,
+            strict: false,
         }
     }
 }
@@ -197,6 +200,23 @@ fn fuse(
     let start = Instant::now();
     let index = GraphIndex::new(model)?;
     let analysis = plan::analyse(&index, options.fold())?;
+    if let Some(training) = analysis.skipped_of(plan::SkipKind::Training).next() {
+        return Err(Error::Training {
+            block: training.info.name.clone(),
+            reason: training.info.reason.clone().unwrap_or_default(),
+        });
+    }
+    let unfoldable: Vec<BlockInfo> = analysis
+        .skipped_of(plan::SkipKind::Unfoldable)
+        .map(|s| s.info.clone())
+        .collect();
+    if options.strict && !unfoldable.is_empty() {
+        let named = unfoldable.iter().map(|b| {
+            let reason = b.reason.clone().unwrap_or_default();
+            (b.name.clone(), reason)
+        });
+        return Err(Error::NotFused(named.collect()));
+    }
     let patch = rewrite::build(&index, &analysis.plans);
     let output = match &target {
         Target::File { output, .. } => Some(*output),
@@ -358,7 +378,11 @@ fn fuse(
         .sum();
     Ok(FuseReport {
         fused,
-        skipped: analysis.skipped.clone(),
+        skipped: unfoldable,
+        not_blocks: analysis
+            .skipped_of(plan::SkipKind::NotABlock)
+            .map(|s| s.info.clone())
+            .collect(),
         nodes_before: model.nodes.len(),
         nodes_after: model.nodes.len() - patch.removed_nodes.len(),
         params_before,
@@ -454,8 +478,8 @@ fn inspect(model: &Model, options: &InspectOptions) -> Result<InspectReport> {
             model.release_pages();
         }
     }
-    for (info, block) in analysis.skipped.iter_mut().zip(&analysis.skipped_blocks) {
-        info.cost = Some(cost::of_block(&index, block, None, &shapes));
+    for skipped in &mut analysis.skipped {
+        skipped.info.cost = Some(cost::of_block(&index, &skipped.block, None, &shapes));
     }
     Ok(InspectReport {
         blocks: analysis.blocks(),

@@ -112,11 +112,22 @@ impl Block {
     }
 }
 
-/// A block as found; `blocked` says why its structure already rules out folding.
+/// A tree as found: a block, or why its structure already rules out folding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     pub block: Block,
-    pub blocked: Option<String>,
+    pub refusal: Option<Refusal>,
+}
+
+/// Why a tree that looks like a block cannot be folded as one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Parallel branches of one input, but a value inside the tree is also used elsewhere, or
+    /// a branch applies to a linear function of the input rather than the input itself.
+    Blocked(String),
+    /// Not a block at all: the summands read different tensors with a nonlinearity between
+    /// them (a residual connection around Conv→ReLU→Conv, a transformer FFN).
+    NotABlock(String),
 }
 
 /// Every candidate block of the graph, in node order of their roots.
@@ -271,7 +282,7 @@ fn match_tree(index: &GraphIndex, root: usize, outermost: bool, found: &mut Vec<
             };
             found.push(Candidate {
                 block,
-                blocked: None,
+                refusal: None,
             });
         }
         return;
@@ -296,13 +307,13 @@ fn match_tree(index: &GraphIndex, root: usize, outermost: bool, found: &mut Vec<
         }
     }
     if outermost && looks >= 2 {
-        let blocked = Some(stray_reason(index, stray, x));
+        let refusal = Some(refusal(index, stray, x));
         let block = Block {
             root,
             input: x.to_string(),
             term,
         };
-        found.push(Candidate { block, blocked });
+        found.push(Candidate { block, refusal });
     }
 }
 
@@ -314,41 +325,81 @@ fn children(term: &Term) -> Vec<&Term> {
     }
 }
 
-/// Why a leaf does not belong to the block reading `x`.
-fn stray_reason(index: &GraphIndex, leaf: &Term, x: &str) -> String {
-    match leaf {
+/// Why a leaf does not belong to the block reading `x`: a block's own structure gets in the
+/// way when the leaf's value and `x` are linear functions one of the other; otherwise the tree
+/// is no block at all.
+fn refusal(index: &GraphIndex, leaf: &Term, x: &str) -> Refusal {
+    let value = match leaf {
+        Term::Raw(v) => v.as_str(),
+        _ => leaf_input(index, leaf).unwrap_or(""),
+    };
+    if !descends_linearly(index, value, x) && !descends_linearly(index, x, value) {
+        return Refusal::NotABlock(format!(
+            "not a re-parameterizable block: its summands read '{x}' and '{value}', which a              nonlinear operator separates (a residual connection, not parallel branches)"
+        ));
+    }
+    Refusal::Blocked(match leaf {
         Term::Raw(v) => match index.producer(v).map(|p| index.node(p).op_type()) {
-            Some(op @ ("Conv" | "BatchNormalization" | "Add" | "Mul" | "AveragePool"))
-                if index.consumers(v).len() > 1 || index.is_output(v) =>
-            {
+            Some(op) if index.consumers(v).len() > 1 || index.is_output(v) => {
                 format!("'{v}' ({op}) inside the block is also used elsewhere")
             }
-            _ => format!("summand '{v}' does not read '{x}'"),
+            _ => format!("summand '{v}' is computed from '{x}', not '{x}' itself"),
         },
         Term::Conv(n) | Term::AvgPool(n) => {
             let node = index.node(*n);
-            let input = leaf_input(index, leaf).unwrap_or("");
-            if descends_from(index, input, x) {
-                format!(
-                    "branch '{}' ({}) applies to a function of '{x}', not to '{x}' itself \
-                     (sequential branches, as in Diverse Branch Blocks, are not folded)",
-                    node.name(),
-                    node.op_type()
-                )
-            } else {
-                format!(
-                    "branch '{}' ({}) reads '{input}', not '{x}'",
-                    node.name(),
-                    node.op_type()
-                )
-            }
+            format!(
+                "branch '{}' ({}) applies to a function of '{x}', not to '{x}' itself \
+                 (sequential branches, as in Diverse Branch Blocks, are not folded)",
+                node.name(),
+                node.op_type()
+            )
         }
         _ => String::new(),
-    }
+    })
 }
 
-/// Whether `value` is computed from `x` within a few dozen steps upstream.
-fn descends_from(index: &GraphIndex, value: &str, x: &str) -> bool {
+/// Operators through which a value stays a linear function of another (what a sequential
+/// branch may be made of); anything else — activations, normalizations over the data, maxima —
+/// separates the two.
+const LINEAR: &[&str] = &[
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "CastLike",
+    "Concat",
+    "Conv",
+    "ConvTranspose",
+    "Div",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "Gemm",
+    "GlobalAveragePool",
+    "Identity",
+    "MatMul",
+    "Mul",
+    "Neg",
+    "Pad",
+    "ReduceMean",
+    "ReduceSum",
+    "Reshape",
+    "ScatterElements",
+    "ScatterND",
+    "Slice",
+    "Split",
+    "Squeeze",
+    "Sub",
+    "Sum",
+    "Tile",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+];
+
+/// Whether `value` is computed from `x` within a few dozen steps upstream, through
+/// [`LINEAR`] operators only.
+fn descends_linearly(index: &GraphIndex, value: &str, x: &str) -> bool {
     let mut seen = std::collections::HashSet::new();
     let mut frontier = vec![value];
     for _ in 0..32 {
@@ -360,11 +411,13 @@ fn descends_from(index: &GraphIndex, value: &str, x: &str) -> bool {
             if !seen.insert(v) || seen.len() > 4096 {
                 continue;
             }
-            if let Some(p) = index.producer(v) {
+            let Some(p) = index.producer(v) else {
+                continue;
+            };
+            let node = index.node(p);
+            if is_default_domain(node) && LINEAR.contains(&node.op_type()) {
                 next.extend(
-                    index
-                        .node(p)
-                        .input
+                    node.input
                         .iter()
                         .map(String::as_str)
                         .filter(|i| !i.is_empty()),

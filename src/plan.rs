@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::fold::{self, FoldError, FoldOptions};
 use crate::graph::GraphIndex;
 use crate::naming::{self, NamePool};
-use crate::pattern::{self, Block};
+use crate::pattern::{self, Block, Refusal};
 use crate::producer::{self, Producer};
 use crate::report::{self, BlockInfo};
 use crate::tensor::{self, FloatType};
@@ -26,13 +26,32 @@ pub struct BlockPlan {
     pub node_name: String,
 }
 
+/// Why a block found was not planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipKind {
+    /// A sum that looks like a block but is none: its summands read different tensors (a
+    /// residual connection, a sequential branch). Not a candidate: reported only on request.
+    NotABlock,
+    /// A candidate that cannot be folded exactly (the reason says why).
+    Unfoldable,
+    /// A candidate with a BatchNormalization in training mode, and folding those is not allowed.
+    Training,
+}
+
+/// A block found but not planned.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub block: Block,
+    pub info: BlockInfo,
+    pub kind: SkipKind,
+}
+
 /// Everything the analysis decided.
 #[derive(Debug, Clone, Default)]
 pub struct Analysis {
     pub plans: Vec<BlockPlan>,
-    pub skipped: Vec<BlockInfo>,
-    /// Each skipped block (parallel to `skipped`).
-    pub skipped_blocks: Vec<Block>,
+    /// Blocks found but not planned, with the reason, in graph order.
+    pub skipped: Vec<Skipped>,
 }
 
 impl Analysis {
@@ -43,14 +62,14 @@ impl Analysis {
             .iter()
             .map(|p| (p.block.root, p.info.clone()))
             .collect();
-        all.extend(
-            self.skipped_blocks
-                .iter()
-                .map(|b| b.root)
-                .zip(self.skipped.iter().cloned()),
-        );
+        all.extend(self.skipped.iter().map(|s| (s.block.root, s.info.clone())));
         all.sort_by_key(|(root, _)| *root);
         all.into_iter().map(|(_, info)| info).collect()
+    }
+
+    /// The skipped blocks of `kind`.
+    pub fn skipped_of(&self, kind: SkipKind) -> impl Iterator<Item = &Skipped> {
+        self.skipped.iter().filter(move |s| s.kind == kind)
     }
 }
 
@@ -61,9 +80,15 @@ pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
     for candidate in pattern::find_blocks(index) {
         let block = candidate.block;
         let mut info = report::describe(index, &block, naming::block_name(index, &block));
-        let outcome = match candidate.blocked {
-            Some(reason) => Err(FoldError::Skip(reason)),
-            None => fold::layout(index, &block, options),
+        let outcome = match candidate.refusal {
+            Some(Refusal::NotABlock(reason)) => Err((SkipKind::NotABlock, reason)),
+            Some(Refusal::Blocked(reason)) => Err((SkipKind::Unfoldable, reason)),
+            None => match fold::layout(index, &block, options) {
+                Ok(planned) => Ok(planned),
+                Err(FoldError::Skip(reason)) => Err((SkipKind::Unfoldable, reason)),
+                Err(FoldError::Training(reason)) => Err((SkipKind::Training, reason)),
+                Err(FoldError::Invalid(e)) => return Err(e),
+            },
         };
         match outcome {
             Ok((layout, dtype)) => {
@@ -78,12 +103,10 @@ pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
                     node_name,
                 });
             }
-            Err(FoldError::Skip(reason)) => {
+            Err((kind, reason)) => {
                 info.reason = Some(reason);
-                analysis.skipped_blocks.push(block);
-                analysis.skipped.push(info);
+                analysis.skipped.push(Skipped { block, info, kind });
             }
-            Err(FoldError::Invalid(e)) => return Err(e),
         }
     }
     Ok(analysis)

@@ -225,7 +225,9 @@ impl<'a, 'm> Producer<'a, 'm> {
             Ok(r) if r.layout.weight_dims() == plan.layout.weight_dims() => Ok(r),
             Ok(_) => Err(failed("folded to another shape than planned".into())),
             Err(FoldError::Invalid(e)) => Err(e),
-            Err(FoldError::Skip(reason)) => Err(failed(format!("no longer folds: {reason}"))),
+            Err(FoldError::Skip(reason) | FoldError::Training(reason)) => {
+                Err(failed(format!("no longer folds: {reason}")))
+            }
         }
     }
 

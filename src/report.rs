@@ -167,8 +167,11 @@ fn branch_label(index: &GraphIndex, term: &Term) -> String {
 pub struct FuseReport {
     /// Blocks folded into one Conv each.
     pub fused: Vec<BlockInfo>,
-    /// Blocks found but left as they were, with the reason.
+    /// Candidate blocks left as they were, with the reason.
     pub skipped: Vec<BlockInfo>,
+    /// Sums that look like blocks but are none (their summands read different tensors, as in
+    /// a residual connection), with the reason: not candidates, listed for `-v`.
+    pub not_blocks: Vec<BlockInfo>,
     pub nodes_before: usize,
     pub nodes_after: usize,
     /// Elements of all initializers.
@@ -301,6 +304,7 @@ impl FuseReport {
             },
             "fused": self.fused.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
             "skipped": self.skipped.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
+            "not_blocks": self.not_blocks.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
         })
     }
 }

@@ -99,32 +99,36 @@ fn fusable_exports_become_the_deploy_structure_and_keep_their_outputs() {
 }
 
 #[test]
-fn training_mode_exports_are_refused_with_the_reason_and_left_unchanged() {
+fn training_mode_exports_are_an_error_that_writes_nothing_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let mut checked = 0;
     for fx in fixtures().iter().filter(|f| !f.fusable) {
         let out = dir.path().join("out.onnx");
+        let before = std::fs::read(&fx.path).unwrap();
         let run = fuse(&fx.path, &out, &[]);
-        assert!(run.status.success(), "{}", fx.label());
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert_eq!(summary_counts(&stdout), (0, 0), "{}: {stdout}", fx.label());
-        let skipped: Vec<&str> = stdout
-            .lines()
-            .filter(|l| l.trim_start().starts_with("skipped"))
-            .collect();
-        assert_eq!(skipped.len(), fx.blocks, "{}: {stdout}", fx.label());
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{}: {stderr}", fx.label());
+        assert_eq!(stderr.lines().count(), 1, "{}: {stderr}", fx.label());
         assert!(
-            skipped
-                .iter()
-                .all(|l| l.contains("training mode") && l.contains("model.eval()")),
-            "{stdout}"
-        );
-        assert_eq!(
-            std::fs::read(&out).unwrap(),
-            std::fs::read(&fx.path).unwrap(),
-            "{}",
+            stderr.contains("training mode") && stderr.contains("model.eval()"),
+            "{}: {stderr}",
             fx.label()
         );
+        assert!(!out.exists(), "{}: output written", fx.label());
+        assert_eq!(std::fs::read(&fx.path).unwrap(), before, "{}", fx.label());
+        // --allow-training folds them all, with a warning.
+        let run = fuse(&fx.path, &out, &["--allow-training"]);
+        assert!(run.status.success(), "{}", fx.label());
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert_eq!(
+            summary_counts(&stdout).0,
+            fx.blocks,
+            "{}: {stdout}",
+            fx.label()
+        );
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains("warning"), "{}: {stderr}", fx.label());
+        std::fs::remove_file(&out).unwrap();
         checked += 1;
     }
     assert!(checked >= 4, "only {checked} training fixtures");
