@@ -59,8 +59,8 @@ pub enum AlgebraError {
     },
     /// A branch's pad offset is not a whole number of (dilated) taps.
     Misaligned { axis: usize },
-    /// Branches produce outputs of different sizes on an axis.
-    OutputSize { axis: usize },
+    /// Branches produce outputs of different sizes on an axis (at the input size, when known).
+    OutputSize { axis: usize, size: Option<usize> },
     /// A per-channel scale or shift has the wrong length.
     ChannelParams { expected: usize, got: usize },
     /// The summed kernel's extent or pads on an axis do not fit in a machine word (hostile
@@ -94,9 +94,18 @@ impl fmt::Display for AlgebraError {
                 f,
                 "branch pads on spatial axis {axis} do not align to whole kernel taps"
             ),
-            AlgebraError::OutputSize { axis } => write!(
+            AlgebraError::OutputSize {
+                axis,
+                size: Some(n),
+            } => write!(
                 f,
-                "branches produce different output sizes on spatial axis {axis} (pads disagree)"
+                "branches produce different output sizes on spatial axis {axis} at its size {n} \
+                 (pads disagree)"
+            ),
+            AlgebraError::OutputSize { axis, size: None } => write!(
+                f,
+                "branches produce different output sizes on spatial axis {axis} (pads disagree, \
+                 and the input's size, which decides whether they agree, is not static)"
             ),
             AlgebraError::ChannelParams { expected, got } => write!(
                 f,
@@ -184,8 +193,14 @@ impl Layout {
     }
 
     /// The layout of the sum of `terms` (already spread to one dilation per axis) and where each
-    /// term's kernel sits in it.
-    pub(crate) fn sum_plan(terms: &[Layout]) -> Result<(Layout, Vec<Vec<usize>>), AlgebraError> {
+    /// term's kernel sits in it. Branches must produce outputs of one size: for any input size
+    /// when their pads agree; where they do not, at the input's spatial size `sizes` (when
+    /// known), and the sum then holds for inputs of that size (or the same size modulo the
+    /// stride) only.
+    pub(crate) fn sum_plan(
+        terms: &[Layout],
+        sizes: Option<&[usize]>,
+    ) -> Result<(Layout, Vec<Vec<usize>>), AlgebraError> {
         let first = terms.first().ok_or(AlgebraError::Empty)?;
         let rank = first.kernel.len();
         for t in &terms[1..] {
@@ -219,11 +234,21 @@ impl Layout {
                     .map(|s| g.pads_begin[axis] as i128 + g.pads_end[axis] as i128 - s)
                     .ok_or(too_large.clone())
             };
-            let e = extra(first)?;
-            for (i, t) in terms.iter().enumerate() {
-                if extra(t)? != e {
-                    return Err(AlgebraError::OutputSize { axis });
+            // Each branch's outputs: (size + extra − 1) / stride + 1; one extra fits all sizes.
+            let extras: Vec<i128> = terms.iter().map(extra).collect::<Result<_, _>>()?;
+            let e = extras.iter().copied().max().unwrap_or(0);
+            if extras.iter().any(|&x| x != e) {
+                let size = sizes.and_then(|s| s.get(axis)).copied();
+                let stride = first.geometry.strides[axis].max(1) as i128;
+                let outputs = |x: i128| {
+                    let span = size? as i128 + x - 1;
+                    (span >= 0).then(|| span / stride)
+                };
+                if size.is_none() || extras.iter().any(|&x| outputs(x) != outputs(e)) {
+                    return Err(AlgebraError::OutputSize { axis, size });
                 }
+            }
+            for (i, t) in terms.iter().enumerate() {
                 let shift = begin - t.geometry.pads_begin[axis];
                 if shift % d != 0 {
                     return Err(AlgebraError::Misaligned { axis });
@@ -240,7 +265,7 @@ impl Layout {
                 .and_then(|s| (e + s).checked_sub(begin as i128))
                 .ok_or(too_large)?;
             target.pads_end[axis] =
-                usize::try_from(end).map_err(|_| AlgebraError::OutputSize { axis })?;
+                usize::try_from(end).map_err(|_| AlgebraError::OutputSize { axis, size: None })?;
         }
         let layout = Layout {
             out_channels: first.out_channels,
@@ -264,15 +289,16 @@ impl Layout {
         Ok(())
     }
 
-    /// The layout of the sum of `terms`.
-    pub fn sum(terms: &[Layout]) -> Result<Layout, AlgebraError> {
+    /// The layout of the sum of `terms`, on an input of spatial size `sizes` when known (see
+    /// [`Layout::sum_plan`]).
+    pub fn sum(terms: &[Layout], sizes: Option<&[usize]>) -> Result<Layout, AlgebraError> {
         Layout::check_ranks(terms)?;
         let common = Layout::common_dilations(terms);
         let spread: Vec<Layout> = terms
             .iter()
             .map(|t| t.spread(&common))
             .collect::<Result<_, _>>()?;
-        Layout::sum_plan(&spread).map(|(layout, _)| layout)
+        Layout::sum_plan(&spread, sizes).map(|(layout, _)| layout)
     }
 
     /// Checks a per-channel scale and shift against the layout.
@@ -459,6 +485,14 @@ impl AffineConv {
 
     /// Sums branches that read the same input into one convolution.
     pub fn sum(terms: Vec<AffineConv>) -> Result<AffineConv, AlgebraError> {
+        AffineConv::sum_at(terms, None)
+    }
+
+    /// [`AffineConv::sum`] on an input of spatial size `sizes` (see [`Layout::sum_plan`]).
+    pub fn sum_at(
+        terms: Vec<AffineConv>,
+        sizes: Option<&[usize]>,
+    ) -> Result<AffineConv, AlgebraError> {
         let layouts: Vec<Layout> = terms.iter().map(AffineConv::layout).collect();
         Layout::check_ranks(&layouts)?;
         let common = Layout::common_dilations(&layouts);
@@ -467,7 +501,7 @@ impl AffineConv {
             .map(|t| t.spread(&common))
             .collect::<Result<_, _>>()?;
         let layouts: Vec<Layout> = spread.iter().map(AffineConv::layout).collect();
-        let (target, offsets) = Layout::sum_plan(&layouts)?;
+        let (target, offsets) = Layout::sum_plan(&layouts, sizes)?;
         // A term that already has the target's shape is the accumulator: no zeroed copy of the
         // largest kernel.
         let full = spread

@@ -37,13 +37,15 @@ fn skip<T>(reason: impl Into<String>) -> Result<T, FoldError> {
     Err(FoldError::Skip(reason.into()))
 }
 
-/// How the tree's leaves see the input: from the first Conv leaf.
+/// How the tree's leaves see the input: from the first Conv leaf, and the input's spatial size
+/// when it is static.
 #[derive(Debug, Clone)]
-struct Context {
+struct Context<'s> {
     in_channels: usize,
     out_channels: usize,
     group: usize,
     strides: Vec<usize>,
+    spatial: Option<&'s [usize]>,
 }
 
 /// Options that change what may be folded.
@@ -56,18 +58,18 @@ pub struct FoldOptions {
 /// What [`eval`] builds: the recipe of the numbers ([`Recipe`]) or only the shape ([`Layout`]).
 /// Both go through the same checks, so a block planned on layouts folds the same way on numbers.
 trait Algebra: Sized {
-    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError>;
+    fn conv(index: &GraphIndex, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError>;
     fn identity(channels: usize, group: usize, rank: usize) -> Self;
     fn avg_pool(layout: Layout) -> Self;
     fn layout(&self) -> Layout;
     fn scale_shift(self, scale: &[f64], shift: &[f64]) -> Result<Self, AlgebraError>;
     fn negate(self) -> Self;
-    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError>;
+    fn sum(parts: Vec<Self>, spatial: Option<&[usize]>) -> Result<Self, AlgebraError>;
 }
 
 impl Algebra for Layout {
-    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
-        Ok(conv_layout(index, n)?.0)
+    fn conv(index: &GraphIndex, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError> {
+        Ok(conv_layout(index, n, spatial)?.0)
     }
     fn identity(channels: usize, group: usize, rank: usize) -> Self {
         Layout::identity(channels, group, rank)
@@ -84,14 +86,14 @@ impl Algebra for Layout {
     fn negate(self) -> Self {
         self
     }
-    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError> {
-        Layout::sum(&parts)
+    fn sum(parts: Vec<Self>, spatial: Option<&[usize]>) -> Result<Self, AlgebraError> {
+        Layout::sum(&parts, spatial)
     }
 }
 
 impl Algebra for Recipe {
-    fn conv(index: &GraphIndex, n: usize) -> Result<Self, FoldError> {
-        let (layout, _) = conv_layout(index, n)?;
+    fn conv(index: &GraphIndex, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError> {
+        let (layout, _) = conv_layout(index, n, spatial)?;
         let node = index.node(n);
         let w = index
             .stored_constant(&node.input[1])
@@ -127,22 +129,48 @@ impl Algebra for Recipe {
     fn negate(self) -> Self {
         Recipe::negate(self)
     }
-    fn sum(parts: Vec<Self>) -> Result<Self, AlgebraError> {
-        Recipe::sum(parts)
+    fn sum(parts: Vec<Self>, spatial: Option<&[usize]>) -> Result<Self, AlgebraError> {
+        Recipe::sum_at(parts, spatial)
     }
 }
 
+/// A block's fused Conv, planned without computing it.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The fused Conv's shape and geometry.
+    pub layout: Layout,
+    /// The fused weights' element type (that of the first Conv's weight).
+    pub dtype: FloatType,
+    /// Whether the fold holds only for inputs of the block input's static size (pads resolved
+    /// from `auto_pad=SAME_*` with strides, or branches whose pads agree only at that size).
+    pub sized: bool,
+}
+
 /// The fused Conv's shape and element type, without computing it: all the checks of
-/// [`recipe`], but reading only per-channel parameters, never weights.
+/// [`recipe`], but reading only per-channel parameters, never weights. `spatial` is the block
+/// input's spatial size when static.
 pub fn layout(
     index: &GraphIndex,
     block: &Block,
     options: FoldOptions,
-) -> Result<(Layout, FloatType), FoldError> {
-    let (ctx, dtype) = context(index, block)?;
+    spatial: Option<&[usize]>,
+) -> Result<Planned, FoldError> {
+    let (ctx, dtype) = context(index, block, spatial)?;
     let layout = eval::<Layout>(index, &block.term, &ctx, options)?;
-    check_size(index, block, &layout)?;
-    Ok((layout, dtype))
+    check_size(index, block, &layout, spatial)?;
+    // A fold that needs the size to hold is one that fails without it.
+    let sized = spatial.is_some() && {
+        let unsized_ctx = Context {
+            spatial: None,
+            ..ctx
+        };
+        eval::<Layout>(index, &block.term, &unsized_ctx, options).is_err()
+    };
+    Ok(Planned {
+        layout,
+        dtype,
+        sized,
+    })
 }
 
 /// How many times more weights than its Conv branches hold together a fused kernel may hold
@@ -155,11 +183,16 @@ const SMALL_KERNEL: usize = 1 << 20;
 /// kernel far larger than its branches (a 3×3 at dilation 1000 next to a 3×3 becomes 2001×2001);
 /// past [`GROWTH`] times, that is no re-parameterization worth writing, and hostile attributes
 /// must not exhaust memory.
-fn check_size(index: &GraphIndex, block: &Block, layout: &Layout) -> Result<(), FoldError> {
+fn check_size(
+    index: &GraphIndex,
+    block: &Block,
+    layout: &Layout,
+    spatial: Option<&[usize]>,
+) -> Result<(), FoldError> {
     let elements = |dims: &[usize]| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     let mut branches = 0usize;
     for n in block.convs() {
-        let dims = conv_layout(index, n)?.0.weight_dims();
+        let dims = conv_layout(index, n, spatial)?.0.weight_dims();
         branches = branches.saturating_add(elements(&dims).unwrap_or(usize::MAX));
     }
     let limit = SMALL_KERNEL.max(GROWTH.saturating_mul(branches));
@@ -177,26 +210,32 @@ fn check_size(index: &GraphIndex, block: &Block, layout: &Layout) -> Result<(), 
 }
 
 /// The block's fused kernel as a [`Recipe`] over all its output channels (the weights are read
-/// only when its rows are encoded).
+/// only when its rows are encoded), on an input of spatial size `spatial` when static.
 pub fn recipe(
     index: &GraphIndex,
     block: &Block,
     options: FoldOptions,
+    spatial: Option<&[usize]>,
 ) -> Result<Recipe, FoldError> {
-    let (ctx, _) = context(index, block)?;
+    let (ctx, _) = context(index, block, spatial)?;
     eval::<Recipe>(index, &block.term, &ctx, options)
 }
 
-fn context(index: &GraphIndex, block: &Block) -> Result<(Context, FloatType), FoldError> {
+fn context<'s>(
+    index: &GraphIndex,
+    block: &Block,
+    spatial: Option<&'s [usize]>,
+) -> Result<(Context<'s>, FloatType), FoldError> {
     let Some(&first) = block.convs().first() else {
         return skip("no Conv branch");
     };
-    let (probe, dtype) = conv_layout(index, first)?;
+    let (probe, dtype) = conv_layout(index, first, spatial)?;
     let ctx = Context {
         in_channels: probe.in_channels(),
         out_channels: probe.out_channels,
         group: probe.geometry.group,
         strides: probe.geometry.strides.clone(),
+        spatial,
     };
     Ok((ctx, dtype))
 }
@@ -239,7 +278,7 @@ fn eval<A: Algebra>(
     options: FoldOptions,
 ) -> Result<A, FoldError> {
     match term {
-        Term::Conv(n) => A::conv(index, *n),
+        Term::Conv(n) => A::conv(index, *n, ctx.spatial),
         Term::AvgPool(n) => Ok(A::avg_pool(avg_pool_layout(index, *n, ctx)?)),
         Term::Raw(_) => {
             identity_check(ctx, "identity")?;
@@ -261,7 +300,7 @@ fn eval<A: Algebra>(
                 let part: A = eval(index, t, ctx, options)?;
                 parts.push(if *negate { part.negate() } else { part });
             }
-            A::sum(parts).map_err(|e| FoldError::Skip(e.to_string()))
+            A::sum(parts, ctx.spatial).map_err(|e| FoldError::Skip(e.to_string()))
         }
     }
 }
@@ -299,8 +338,7 @@ fn avg_pool_layout(index: &GraphIndex, n: usize, ctx: &Context) -> Result<Layout
     }
     let mut probe = vec![ctx.out_channels, 1];
     probe.extend(&kernel);
-    let spatial = input_spatial(index, node);
-    let geometry = geometry(node, &probe, spatial)
+    let geometry = geometry(node, &probe, ctx.spatial)
         .map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
     let padded = geometry
         .pads_begin
@@ -328,12 +366,6 @@ fn avg_pool_layout(index: &GraphIndex, n: usize, ctx: &Context) -> Result<Layout
             ..geometry
         },
     })
-}
-
-/// The declared spatial size of a node's first input, if every dimension is a number.
-fn input_spatial(index: &GraphIndex, node: &NodeProto) -> Option<Vec<usize>> {
-    let shape = index.static_shape(node.input.first()?)?;
-    Some(shape.get(2..)?.to_vec())
 }
 
 /// A constant operand of a Mul/Div/Add/Sub as one value per output channel: its shape must
@@ -375,8 +407,13 @@ fn per_channel(
     }
 }
 
-/// A Conv node's layout and weight type, checked without reading its weight.
-fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), FoldError> {
+/// A Conv node's layout and weight type, checked without reading its weight; `spatial` is its
+/// input's spatial size when static.
+fn conv_layout(
+    index: &GraphIndex,
+    i: usize,
+    spatial: Option<&[usize]>,
+) -> Result<(Layout, FloatType), FoldError> {
     let node = index.node(i);
     let name = node.name();
     let Some(w_name) = node.input.get(1) else {
@@ -424,7 +461,7 @@ fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), Fold
             ));
         }
     }
-    let geometry = geometry(node, &dims, input_spatial(index, node))
+    let geometry = geometry(node, &dims, spatial)
         .map_err(|r| FoldError::Skip(format!("Conv '{name}': {r}")))?;
     if out_channels % geometry.group != 0 || out_channels == 0 {
         return skip(format!(
@@ -444,7 +481,10 @@ fn conv_layout(index: &GraphIndex, i: usize) -> Result<(Layout, FloatType), Fold
 /// Why a value is no constant to fold: generated in bulk, computed at run time, or an input.
 fn not_constant(index: &GraphIndex, value: &str) -> String {
     let Some(node) = index.producer(value).map(|p| index.node(p)) else {
-        return "is a graph input, not a constant".into();
+        return match index.is_sparse(value) {
+            true => "is a sparse initializer (passed through, never folded)".into(),
+            false => "is a graph input, not a constant".into(),
+        };
     };
     let generated = matches!(node.op_type(), "ConstantOfShape" | "Expand" | "Tile")
         || crate::constant::evaluate(index, value).is_some();
@@ -469,7 +509,7 @@ fn not_constant(index: &GraphIndex, value: &str) -> String {
 fn geometry(
     node: &NodeProto,
     shape: &[usize],
-    spatial: Option<Vec<usize>>,
+    spatial: Option<&[usize]>,
 ) -> Result<Geometry, String> {
     let kernel = &shape[2..];
     let rank = kernel.len();
@@ -521,7 +561,7 @@ fn geometry(
                 let Some(sizes) = spatial.filter(|s| s.len() == rank) else {
                     return Err(format!(
                         "auto_pad={auto_pad} with stride > 1 depends on the input size, \
-                         which the model does not declare"
+                         which is not static here"
                     ));
                 };
                 (0..rank)

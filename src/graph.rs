@@ -21,6 +21,7 @@ pub struct GraphIndex<'m> {
     outputs: HashSet<&'m str>,
     inputs: HashSet<&'m str>,
     initializers: HashMap<&'m str, usize>,
+    sparse: HashSet<&'m str>,
     /// Constant subgraph results, and values found not to be constant ([`crate::constant`]).
     memo: Mutex<HashMap<String, Option<crate::constant::Value>>>,
 }
@@ -39,11 +40,22 @@ impl<'m> GraphIndex<'m> {
                 )));
             }
         }
+        // Sparse initializers define values too; they are passed through, never folded.
+        let mut sparse = HashSet::new();
+        for t in &model.sparse_initializers {
+            let name = t.values.as_ref().map_or("", |v| v.name());
+            if initializers.contains_key(name) || !sparse.insert(name) {
+                return Err(Error::Graph(format!(
+                    "sparse initializer '{name}' is defined twice"
+                )));
+            }
+        }
         let mut producer = HashMap::new();
         for (i, node) in model.nodes.iter().enumerate() {
             for out in node.output.iter().filter(|o| !o.is_empty()) {
                 if producer.insert(out.as_str(), i).is_some()
                     || initializers.contains_key(out.as_str())
+                    || sparse.contains(out.as_str())
                 {
                     return Err(Error::Graph(format!(
                         "value '{out}' is produced twice (node '{}')",
@@ -57,6 +69,7 @@ impl<'m> GraphIndex<'m> {
             for name in node.input.iter().filter(|n| !n.is_empty()) {
                 let known = producer.contains_key(name.as_str())
                     || initializers.contains_key(name.as_str())
+                    || sparse.contains(name.as_str())
                     || inputs.contains(name.as_str());
                 if !known {
                     return Err(Error::Graph(format!(
@@ -74,6 +87,7 @@ impl<'m> GraphIndex<'m> {
         for out in &outputs {
             let known = producer.contains_key(out)
                 || initializers.contains_key(out)
+                || sparse.contains(out)
                 || inputs.contains(out);
             if !known {
                 return Err(Error::Graph(format!(
@@ -88,6 +102,7 @@ impl<'m> GraphIndex<'m> {
             outputs,
             inputs,
             initializers,
+            sparse,
             memo: Mutex::default(),
         };
         index.check_acyclic()?;
@@ -131,6 +146,11 @@ impl<'m> GraphIndex<'m> {
     /// Every use of `value` by a node (one entry per input slot, plus subgraph references).
     pub fn consumers(&self, value: &str) -> &[usize] {
         self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Whether `value` is a sparse initializer of the main graph.
+    pub fn is_sparse(&self, value: &str) -> bool {
+        self.sparse.contains(value)
     }
 
     /// Whether `value` is a graph output.

@@ -365,12 +365,21 @@ fn fuse(
 
     let elements =
         |t: &onnx::proto::TensorProto| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>();
-    let params_before: u64 = model.initializers.iter().map(elements).sum();
+    // Parameters: the elements of the main graph's constant tensors, initializers and
+    // `Constant` nodes alike.
+    let constant_node = |n: usize| constant_elements(&model.nodes[n]);
+    let params_before: u64 = model.initializers.iter().map(elements).sum::<u64>()
+        + (0..model.nodes.len()).map(constant_node).sum::<u64>();
     let params_removed: u64 = patch
         .removed_initializers
         .iter()
         .map(|&i| elements(&model.initializers[i]))
-        .sum();
+        .sum::<u64>()
+        + patch
+            .removed_nodes
+            .iter()
+            .map(|&n| constant_node(n))
+            .sum::<u64>();
     let params_added: u64 = patch
         .new_tensors
         .iter()
@@ -390,6 +399,18 @@ fn fuse(
         training_bn_folded: plan::training_bns(&index, &analysis.plans),
         elapsed: start.elapsed(),
     })
+}
+
+/// The elements a `Constant` node holds (0 for any other node).
+fn constant_elements(node: &onnx::proto::NodeProto) -> u64 {
+    if node.op_type() != "Constant" || !graph::is_default_domain(node) {
+        return 0;
+    }
+    let a = node.attribute.first();
+    let tensor = a.and_then(|a| a.t.as_ref());
+    let dims = tensor.map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>());
+    let listed = a.map_or(0, |a| (a.floats.len() + a.ints.len()).max(1) as u64);
+    dims.unwrap_or(listed)
 }
 
 /// Graphviz DOT of `input`'s structure before and after fusion, or of the block named `block`.

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
-use crate::onnx::proto::NodeProto;
+use crate::onnx::proto::{GraphProto, NodeProto};
 use crate::pattern::Block;
 
 /// The block's module path, or a readable fallback.
@@ -118,20 +118,42 @@ pub struct NamePool {
 }
 
 impl NamePool {
-    /// A pool that knows every node and value name of the graph.
+    /// A pool that knows every node and value name of the model: of the main graph and of
+    /// every graph nested in it (a new name must not collide with a subgraph's either).
     pub fn new(index: &GraphIndex) -> NamePool {
         let m = index.model;
-        let mut taken = HashSet::new();
-        for n in &m.nodes {
-            taken.insert(n.name().to_string());
-            taken.extend(n.input.iter().cloned());
-            taken.extend(n.output.iter().cloned());
+        let mut pool = NamePool::default();
+        pool.nodes(&m.nodes);
+        let sparse = m
+            .sparse_initializers
+            .iter()
+            .filter_map(|s| s.values.as_ref());
+        let tensors = m.initializers.iter().chain(sparse);
+        pool.taken.extend(tensors.map(|t| t.name().to_string()));
+        let infos = m.inputs.iter().chain(&m.outputs).chain(&m.value_info);
+        pool.taken.extend(infos.map(|v| v.name().to_string()));
+        pool
+    }
+
+    fn nodes(&mut self, nodes: &[NodeProto]) {
+        for n in nodes {
+            self.taken.insert(n.name().to_string());
+            self.taken.extend(n.input.iter().cloned());
+            self.taken.extend(n.output.iter().cloned());
+            crate::onnx::tensors::subgraphs(n).for_each(|g| self.graph(g));
         }
-        taken.extend(m.initializers.iter().map(|t| t.name().to_string()));
-        taken.extend(m.inputs.iter().map(|v| v.name().to_string()));
-        taken.extend(m.outputs.iter().map(|v| v.name().to_string()));
-        taken.extend(m.value_info.iter().map(|v| v.name().to_string()));
-        NamePool { taken }
+    }
+
+    fn graph(&mut self, g: &GraphProto) {
+        self.nodes(&g.node);
+        let sparse = g
+            .sparse_initializer
+            .iter()
+            .filter_map(|s| s.values.as_ref());
+        let tensors = g.initializer.iter().chain(sparse);
+        self.taken.extend(tensors.map(|t| t.name().to_string()));
+        let infos = g.input.iter().chain(&g.output).chain(&g.value_info);
+        self.taken.extend(infos.map(|v| v.name().to_string()));
     }
 
     /// `base`, or `base_1`, `base_2`, … whichever is free; all of `suffixes` appended to the

@@ -155,7 +155,7 @@ fn op_is(index: &GraphIndex, i: usize, op: &str) -> bool {
 
 fn expand<'a>(index: &GraphIndex<'a>, i: usize) -> Option<Expansion<'a>> {
     let node = index.node(i);
-    if !is_default_domain(node) || node.output.is_empty() {
+    if !is_default_domain(node) || node.output.is_empty() || other_outputs_used(index, i) {
         return None;
     }
     let inputs: Vec<&'a str> = node.input.iter().map(String::as_str).collect();
@@ -186,6 +186,16 @@ fn expand<'a>(index: &GraphIndex<'a>, i: usize) -> Option<Expansion<'a>> {
         }
         _ => None,
     }
+}
+
+/// Whether an output of node `i` beyond the first is read by a node or is a graph output (a
+/// BatchNormalization's running statistics in training mode): the fold would remove it, so such
+/// a node never goes inside a block.
+fn other_outputs_used(index: &GraphIndex, i: usize) -> bool {
+    let outputs = index.node(i).output.iter().skip(1);
+    outputs
+        .filter(|o| !o.is_empty())
+        .any(|o| !index.consumers(o).is_empty() || index.is_output(o))
 }
 
 /// The node that alone consumes node `i`'s output (through Identity nodes) and expands it.
@@ -224,6 +234,7 @@ fn parse(index: &GraphIndex, i: usize) -> Term {
                 .map(|(neg, c)| (neg, child_term(index, c)))
                 .collect(),
         },
+        None if other_outputs_used(index, i) => Term::Raw(index.node(i).output[0].clone()),
         None if op_is(index, i, "Conv") => Term::Conv(i),
         None if op_is(index, i, "AveragePool") => Term::AvgPool(i),
         None => Term::Raw(index.node(i).output[0].clone()),
@@ -339,9 +350,19 @@ fn refusal(index: &GraphIndex, leaf: &Term, x: &str) -> Refusal {
         ));
     }
     Refusal::Blocked(match leaf {
-        Term::Raw(v) => match index.producer(v).map(|p| index.node(p).op_type()) {
-            Some(op) if index.consumers(v).len() > 1 || index.is_output(v) => {
+        Term::Raw(v) => match index.producer(v) {
+            Some(p) if index.consumers(v).len() > 1 || index.is_output(v) => {
+                let op = index.node(p).op_type();
                 format!("'{v}' ({op}) inside the block is also used elsewhere")
+            }
+            Some(p) if other_outputs_used(index, p) => {
+                let node = index.node(p);
+                format!(
+                    "{} '{}' inside the block has other outputs in use (its running \
+                     statistics, in training mode), which folding would remove",
+                    node.op_type(),
+                    node.name()
+                )
             }
             _ => format!("summand '{v}' is computed from '{x}', not '{x}' itself"),
         },

@@ -9,6 +9,7 @@ use crate::naming::{self, NamePool};
 use crate::pattern::{self, Block, Refusal};
 use crate::producer::{self, Producer};
 use crate::report::{self, BlockInfo};
+use crate::shapes::Shapes;
 use crate::tensor::{self, FloatType};
 
 /// A block ready to be replaced by one Conv: its shape is known, its numbers are computed when
@@ -21,6 +22,10 @@ pub struct BlockPlan {
     pub layout: Layout,
     /// The fused weights' element type (that of the first Conv's weight).
     pub dtype: FloatType,
+    /// The block input's spatial size, when static (pads that depend on it are resolved at it).
+    pub spatial: Option<Vec<usize>>,
+    /// Whether the fold holds only at that size (see [`fold::Planned::sized`]).
+    pub sized: bool,
     pub options: FoldOptions,
     /// Name of the new Conv node; its weight and bias are `{node_name}.weight` / `.bias`.
     pub node_name: String,
@@ -77,13 +82,19 @@ impl Analysis {
 pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
     let mut analysis = Analysis::default();
     let mut pool = NamePool::new(index);
+    // Spatial sizes propagated from the declared graph inputs: `auto_pad=SAME_*` with strides,
+    // and branches whose pads agree only at some sizes, are resolved at them.
+    let shapes = Shapes::infer(index, None);
     for candidate in pattern::find_blocks(index) {
         let block = candidate.block;
+        let spatial = shapes
+            .get(index, &block.input)
+            .and_then(|s| s.get(2..).map(<[usize]>::to_vec));
         let mut info = report::describe(index, &block, naming::block_name(index, &block));
         let outcome = match candidate.refusal {
             Some(Refusal::NotABlock(reason)) => Err((SkipKind::NotABlock, reason)),
             Some(Refusal::Blocked(reason)) => Err((SkipKind::Unfoldable, reason)),
-            None => match fold::layout(index, &block, options) {
+            None => match fold::layout(index, &block, options, spatial.as_deref()) {
                 Ok(planned) => Ok(planned),
                 Err(FoldError::Skip(reason)) => Err((SkipKind::Unfoldable, reason)),
                 Err(FoldError::Training(reason)) => Err((SkipKind::Training, reason)),
@@ -91,14 +102,19 @@ pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
             },
         };
         match outcome {
-            Ok((layout, dtype)) => {
+            Ok(planned) => {
                 let node_name =
                     pool.claim(&format!("{}.rbr_reparam", info.name), &[".weight", ".bias"]);
+                if planned.sized {
+                    info.sized_for = spatial.clone();
+                }
                 analysis.plans.push(BlockPlan {
                     block,
                     info,
-                    layout,
-                    dtype,
+                    layout: planned.layout,
+                    dtype: planned.dtype,
+                    spatial,
+                    sized: planned.sized,
                     options,
                     node_name,
                 });

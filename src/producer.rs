@@ -221,7 +221,12 @@ impl<'a, 'm> Producer<'a, 'm> {
 
     fn build(&self, plan: &BlockPlan) -> Result<Recipe> {
         let failed = |reason: String| Error::Graph(format!("block '{}' {reason}", plan.info.name));
-        match fold::recipe(self.index, &plan.block, plan.options) {
+        match fold::recipe(
+            self.index,
+            &plan.block,
+            plan.options,
+            plan.spatial.as_deref(),
+        ) {
             Ok(r) if r.layout.weight_dims() == plan.layout.weight_dims() => Ok(r),
             Ok(_) => Err(failed("folded to another shape than planned".into())),
             Err(FoldError::Invalid(e)) => Err(e),

@@ -103,6 +103,11 @@ impl Recipe {
 
     /// Sums branches that read the same input into one convolution.
     pub fn sum(terms: Vec<Recipe>) -> Result<Recipe, AlgebraError> {
+        Recipe::sum_at(terms, None)
+    }
+
+    /// [`Recipe::sum`] on an input of spatial size `sizes` (see [`Layout::sum_plan`]).
+    pub fn sum_at(terms: Vec<Recipe>, sizes: Option<&[usize]>) -> Result<Recipe, AlgebraError> {
         let layouts: Vec<Layout> = terms.iter().map(|t| t.layout.clone()).collect();
         Layout::check_ranks(&layouts)?;
         let common = Layout::common_dilations(&layouts);
@@ -111,7 +116,7 @@ impl Recipe {
             .map(|t| t.spread(&common))
             .collect::<Result<_, _>>()?;
         let layouts: Vec<Layout> = spread.iter().map(|t| t.layout.clone()).collect();
-        let (target, offsets) = Layout::sum_plan(&layouts)?;
+        let (target, offsets) = Layout::sum_plan(&layouts, sizes)?;
         let mut parts = Vec::new();
         let mut bias = vec![0.0; target.out_channels];
         for (term, offset) in spread.into_iter().zip(&offsets) {

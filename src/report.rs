@@ -24,6 +24,9 @@ pub struct BlockInfo {
     pub post: Vec<String>,
     /// Why not, when it is not.
     pub reason: Option<String>,
+    /// When the fold holds only for inputs of one spatial size (`auto_pad=SAME_*` with
+    /// strides, or branch pads that agree only there): that size.
+    pub sized_for: Option<Vec<usize>>,
     /// For float16/bfloat16 weights: the largest change rounding the f64 fold to that type made,
     /// relative to the largest weight.
     pub rounding_error: Option<f64>,
@@ -60,6 +63,7 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
         branches: Vec::new(),
         post: Vec::new(),
         reason: None,
+        sized_for: None,
         rounding_error: None,
         deviation: None,
         cost: None,
@@ -252,6 +256,7 @@ impl BlockInfo {
             "identity": self.has_identity(),
             "fusable": self.is_fusable(),
             "reason": self.reason,
+            "sized_for": self.sized_for,
             "deviation": self.deviation.map(|d| serde_json::json!({"abs": d.abs, "rel": d.rel})),
             "rounding_error": self.rounding_error,
             "params_before": self.cost.map(|c| c.params_before),

@@ -113,15 +113,17 @@ pub struct Expected {
 }
 
 /// The check's input for a fused Conv `node` with weight `dims`, and the original subgraph (from
-/// `input` to `output`) run on it for the output channels `sample`.
+/// `input` to `output`) run on it for the output channels `sample`. `sized` is the input's
+/// spatial size when the fold holds at that size only: the check's input then has the same
+/// size modulo the stride on every axis (pads of `auto_pad=SAME_*` with strides, and whether
+/// branches with different pads give outputs of one size, depend on nothing else).
 fn expect(
     index: &GraphIndex,
-    input: &str,
-    output: &str,
+    (input, output): (&str, &str),
     node: &NodeProto,
     dims: &[usize],
-    sample: Vec<usize>,
-    seed: u64,
+    (sample, seed): (Vec<usize>, u64),
+    sized: Option<&[usize]>,
 ) -> Result<Expected, String> {
     if dims.len() < 3 {
         return Err("the fused weight has fewer than 3 dims".into());
@@ -150,9 +152,16 @@ fn expect(
                     .as_ref()
                     .map_or(0, |p| p[a + kernel.len()].max(0) as usize),
             };
-            Some(match explicit {
+            let width = match explicit {
                 true => geometry.narrowest(extent),
                 false => extent,
+            };
+            Some(match sized.and_then(|n| n.get(a)) {
+                Some(&n) => {
+                    let stride = geometry.stride;
+                    width + (n % stride + stride - width % stride) % stride
+                }
+                None => width,
             })
         })
         .collect::<Option<_>>()
@@ -863,7 +872,9 @@ pub fn reference(
 ) -> crate::Result<Expected> {
     let dims = plan.layout.weight_dims();
     let (input, output) = (&plan.block.input, plan.block.output(index));
-    expect(index, input, output, node, &dims, sample(plan), seed(plan))
+    let sized = plan.spatial.as_deref().filter(|_| plan.sized);
+    let sampled = (sample(plan), seed(plan));
+    expect(index, (input, output), node, &dims, sampled, sized)
         .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))
 }
 

@@ -76,11 +76,14 @@ pub struct ExternalStore {
 }
 
 impl ExternalStore {
-    /// Validates and maps every file named by an external initializer of the model in `dir`
+    /// Validates and maps every file named by an external tensor of the model in `dir`
     /// (`None`: a model without a folder, whose tensors must all be inline).
-    pub fn open(dir: Option<&Path>, initializers: &[TensorProto]) -> Result<ExternalStore> {
+    pub fn open<'a>(
+        dir: Option<&Path>,
+        tensors: impl IntoIterator<Item = &'a TensorProto>,
+    ) -> Result<ExternalStore> {
         let mut store = ExternalStore::default();
-        for t in initializers.iter().filter(|t| is_external(t)) {
+        for t in tensors.into_iter().filter(|t| is_external(t)) {
             let r = ExternalRef::of(t)?;
             if store.files.contains_key(&r.location) {
                 continue;
@@ -162,7 +165,12 @@ impl ExternalStore {
             .get(&r.location)
             .ok_or_else(|| err("file was not opened".into()))?;
         let size = file.len() as u64;
-        let length = r.length.unwrap_or(size.saturating_sub(r.offset));
+        // Without a `length` (it is optional), the tensor holds what its dims and type need, as
+        // ONNX Runtime reads it; only a type of no fixed size takes the rest of the file.
+        let length = r
+            .length
+            .or_else(|| stored_len(t))
+            .unwrap_or(size.saturating_sub(r.offset));
         let end = r
             .offset
             .checked_add(length)
@@ -175,6 +183,31 @@ impl ExternalStore {
             })?;
         Ok((r.location.clone(), r.offset as usize..end as usize))
     }
+}
+
+/// Bits per element of a `TensorProto.DataType`; `None` for strings and unknown codes.
+fn element_bits(code: i32) -> Option<u64> {
+    Some(match code {
+        2 | 3 | 9 | 17..=20 | 24 => 8,
+        4 | 5 | 10 | 16 => 16,
+        1 | 6 | 12 => 32,
+        7 | 11 | 13 | 14 => 64,
+        15 => 128,
+        21..=23 => 4,
+        25 | 26 => 2,
+        27 | 28 => 6,
+        _ => return None,
+    })
+}
+
+/// The bytes a tensor's dims and type call for (sub-byte types packed), when both are known.
+fn stored_len(t: &TensorProto) -> Option<u64> {
+    let bits = element_bits(t.data_type?)?;
+    let count = t
+        .dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))?;
+    Some(count.checked_mul(bits)?.div_ceil(8))
 }
 
 /// Resolves a location relative to `dir`, refusing anything that could leave it.

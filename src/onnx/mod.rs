@@ -12,6 +12,7 @@ pub mod external;
 pub mod model;
 pub mod output;
 pub mod splice;
+pub mod tensors;
 pub mod wire;
 
 pub use model::Model;

@@ -9,7 +9,10 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::external::ExternalStore;
-use super::proto::{NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
+use super::proto::{
+    FunctionProto, NodeProto, OperatorSetIdProto, SparseTensorProto, TensorProto,
+    TrainingInfoProto, ValueInfoProto,
+};
 use super::wire::{self, Field};
 use crate::error::{Error, Result};
 
@@ -18,6 +21,8 @@ pub(crate) mod model_field {
     pub const IR_VERSION: u32 = 1;
     pub const GRAPH: u32 = 7;
     pub const OPSET_IMPORT: u32 = 8;
+    pub const TRAINING_INFO: u32 = 20;
+    pub const FUNCTIONS: u32 = 25;
 }
 
 /// GraphProto field numbers we look at.
@@ -27,6 +32,7 @@ pub(crate) mod graph_field {
     pub const INPUT: u32 = 11;
     pub const OUTPUT: u32 = 12;
     pub const VALUE_INFO: u32 = 13;
+    pub const SPARSE_INITIALIZER: u32 = 15;
 }
 
 /// What one field of the main graph is.
@@ -36,6 +42,7 @@ pub enum GraphItem {
     Initializer(usize),
     ValueInfo(usize),
     Input(usize),
+    SparseInitializer(usize),
     /// Outputs, name, doc string and anything else: always copied through.
     Other,
 }
@@ -58,6 +65,11 @@ pub struct Model {
     pub value_info: Vec<ValueInfoProto>,
     pub inputs: Vec<ValueInfoProto>,
     pub outputs: Vec<ValueInfoProto>,
+    /// The main graph's sparse initializers (passed through; never folded).
+    pub sparse_initializers: Vec<SparseTensorProto>,
+    /// The model's functions and training-info entries (passed through; walked for tensors).
+    pub functions: Vec<FunctionProto>,
+    pub training_info: Vec<TrainingInfoProto>,
     pub opset_import: Vec<OperatorSetIdProto>,
     /// `ModelProto.ir_version`, when present.
     pub ir_version: Option<i64>,
@@ -162,11 +174,21 @@ impl Model {
             _ => return Err(malformed("the model has more than one graph field".into())),
         };
         let mut opset_import = Vec::new();
-        for f in fields
-            .iter()
-            .filter(|f| f.number == model_field::OPSET_IMPORT)
-        {
-            opset_import.push(decode(&bytes, f, "opset_import").map_err(malformed)?);
+        let mut functions = Vec::new();
+        let mut training_info = Vec::new();
+        for f in &fields {
+            match f.number {
+                model_field::OPSET_IMPORT => {
+                    opset_import.push(decode(&bytes, f, "opset_import").map_err(&malformed)?)
+                }
+                model_field::FUNCTIONS => {
+                    functions.push(decode(&bytes, f, "function").map_err(&malformed)?)
+                }
+                model_field::TRAINING_INFO => {
+                    training_info.push(decode(&bytes, f, "training_info").map_err(&malformed)?)
+                }
+                _ => {}
+            }
         }
         let ir_version = fields
             .iter()
@@ -186,6 +208,9 @@ impl Model {
             value_info: Vec::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
+            sparse_initializers: Vec::new(),
+            functions,
+            training_info,
             opset_import,
             ir_version,
             external: ExternalStore::default(),
@@ -225,29 +250,58 @@ impl Model {
                         .push(decode(&bytes, &f, "output").map_err(&malformed)?);
                     GraphItem::Other
                 }
+                graph_field::SPARSE_INITIALIZER => {
+                    let sparse = decode(&bytes, &f, "sparse_initializer").map_err(&malformed)?;
+                    model.sparse_initializers.push(sparse);
+                    GraphItem::SparseInitializer(model.sparse_initializers.len() - 1)
+                }
                 _ => GraphItem::Other,
             };
             model.graph_fields.push((f, item));
         }
-        // Element counts (the product of each initializer's dims, negative dims counting 0) and
-        // their total are counted in u64 downstream: dims whose counts cannot exist are refused
-        // here, used or not.
+        // Element counts (the product of each tensor's dims, negative dims counting 0) and their
+        // total are counted in u64 downstream: dims whose counts cannot exist are refused here,
+        // for every tensor wherever it lives, used or not.
         let mut total: u64 = 0;
-        for t in &model.initializers {
+        let mut overflow = None;
+        model.each_tensor(&mut |t| {
             let count = t
                 .dims
                 .iter()
                 .try_fold(1u64, |n, &d| n.checked_mul(d.max(0) as u64));
-            total = count.and_then(|c| total.checked_add(c)).ok_or_else(|| {
-                malformed(format!(
-                    "initializer '{}': dims {:?} overflow",
-                    t.name(),
-                    t.dims
-                ))
-            })?;
+            match count.and_then(|c| total.checked_add(c)) {
+                Some(sum) => total = sum,
+                None => {
+                    overflow.get_or_insert_with(|| {
+                        format!("tensor '{}': dims {:?} overflow", t.name(), t.dims)
+                    });
+                }
+            }
+        });
+        if let Some(reason) = overflow {
+            return Err(malformed(reason));
         }
-        model.external = ExternalStore::open(data_dir, &model.initializers)?;
+        let mut tensors = Vec::new();
+        model.each_tensor(&mut |t| tensors.push(t));
+        model.external = ExternalStore::open(data_dir, tensors)?;
         Ok(model)
+    }
+
+    /// Calls `f` on every tensor the model holds, wherever it lives (see [`super::tensors`]).
+    pub fn each_tensor<'a>(&'a self, f: &mut impl FnMut(&'a TensorProto)) {
+        self.initializers.iter().for_each(&mut *f);
+        for s in &self.sparse_initializers {
+            super::tensors::in_sparse(s, f);
+        }
+        for n in &self.nodes {
+            super::tensors::in_node(n, f);
+        }
+        for func in &self.functions {
+            super::tensors::in_function(func, f);
+        }
+        for t in &self.training_info {
+            super::tensors::in_training(t, f);
+        }
     }
 
     /// The version of the default-domain operator set, if imported.
@@ -264,9 +318,32 @@ impl Model {
         self.ir_version.is_some_and(|v| v < 4)
     }
 
-    /// Whether any initializer keeps its data in an external file.
+    /// Whether any tensor, wherever it lives, keeps its data in an external file.
     pub fn has_external_data(&self) -> bool {
-        self.initializers.iter().any(super::external::is_external)
+        let mut external = false;
+        self.each_tensor(&mut |t| external |= super::external::is_external(t));
+        external
+    }
+
+    /// Whether a tensor outside the main graph's initializers keeps its data in an external
+    /// file (a `Constant` node's, a nested graph's, a function's): the nodes and fields holding
+    /// them must be rewritten to point into the output's sidecar.
+    pub fn has_nested_external_data(&self) -> bool {
+        let mut external = false;
+        let mut check = |t: &TensorProto| external |= super::external::is_external(t);
+        for s in &self.sparse_initializers {
+            super::tensors::in_sparse(s, &mut check);
+        }
+        for n in &self.nodes {
+            super::tensors::in_node(n, &mut check);
+        }
+        for func in &self.functions {
+            super::tensors::in_function(func, &mut check);
+        }
+        for t in &self.training_info {
+            super::tensors::in_training(t, &mut check);
+        }
+        external
     }
 }
 

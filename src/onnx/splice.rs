@@ -129,13 +129,21 @@ pub fn plan(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Output>
             ..
         }
     );
+    // Tensors outside the main graph's initializers (`Constant` nodes, nested graphs, sparse
+    // initializers, functions) that keep their data externally move to the sidecar too: the
+    // messages holding them are rewritten at the wire level, everything else in them kept.
+    let nested = graph.sidecar.is_some() && model.has_nested_external_data();
     for (pos, (field, item)) in model.graph_fields.iter().enumerate() {
         match *item {
             GraphItem::Node(i) if patch.removed_nodes.contains(&i) => {}
             GraphItem::Node(i) => match patch.replaced.get(&i) {
                 Some(node) => graph.field(graph_field::NODE, node.encode_to_vec()),
+                None if nested => graph.nested(model, Kind::Node, field)?,
                 None => graph.copy(field.whole.clone()),
             },
+            GraphItem::SparseInitializer(_) if nested => {
+                graph.nested(model, Kind::Sparse, field)?
+            }
             GraphItem::Initializer(i) if patch.removed_initializers.contains(&i) => {}
             GraphItem::Initializer(i) => {
                 let t = &model.initializers[i];
@@ -168,8 +176,31 @@ pub fn plan(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Output>
     }
     let mut actions = Vec::with_capacity(graph.actions.len() + model.fields.len() + 1);
     let mut model_len = 0u64;
+    // Model-level fields with external tensors (functions, training info): their sidecar data
+    // follows the graph's, whatever their place in the file.
+    let mut outer = Planner {
+        actions: Vec::new(),
+        model_len: 0,
+        sidecar: graph.sidecar.take(),
+    };
     for (i, field) in model.fields.iter().enumerate() {
-        if i == model.graph_field {
+        let kind = match field.number {
+            model_field::FUNCTIONS => Some(Kind::Function),
+            model_field::TRAINING_INFO => Some(Kind::Training),
+            _ => None,
+        };
+        let relocated = match kind {
+            Some(kind) if nested => {
+                outer.relocated(model, kind, &model.bytes[field.payload.clone()])?
+            }
+            _ => None,
+        };
+        if let Some(payload) = relocated {
+            let mut bytes = Vec::with_capacity(payload.len() + 8);
+            put_bytes_field(&mut bytes, field.number, &payload);
+            model_len += bytes.len() as u64;
+            actions.push(Action::Model(Piece::Bytes(bytes)));
+        } else if i == model.graph_field {
             let mut header = Vec::new();
             prost::encoding::encode_key(
                 model_field::GRAPH,
@@ -188,10 +219,48 @@ pub fn plan(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Output>
             )));
         }
     }
+    actions.append(&mut outer.actions);
     Ok(Output {
         actions,
         model_len,
-        sidecar_len: graph.sidecar.map(|s| s.len as u64),
+        sidecar_len: outer.sidecar.map(|s| s.len as u64),
+    })
+}
+
+/// What a message is, for finding the tensors nested in it.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Graph,
+    Node,
+    Attribute,
+    Sparse,
+    Tensor,
+    Function,
+    Training,
+}
+
+impl Kind {
+    /// The kind of message field `number` of this kind holds, where it may hold tensors.
+    fn child(self, number: u32) -> Option<Kind> {
+        Some(match (self, number) {
+            (Kind::Graph, 1) | (Kind::Function, 7) => Kind::Node,
+            (Kind::Graph, 5) | (Kind::Attribute, 5 | 10) | (Kind::Sparse, 1 | 2) => Kind::Tensor,
+            (Kind::Graph, 15) | (Kind::Attribute, 22 | 23) => Kind::Sparse,
+            (Kind::Node, 5) | (Kind::Function, 11) => Kind::Attribute,
+            (Kind::Attribute, 6 | 11) | (Kind::Training, 1 | 2) => Kind::Graph,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether a serialized TensorProto says its data is external (read at the wire level, so that
+/// inline data is never decoded).
+fn says_external(payload: &[u8]) -> bool {
+    wire::scan(payload, 0).is_ok_and(|fields| {
+        fields.iter().any(|f| {
+            f.number == tensor_field::DATA_LOCATION
+                && f.varint(payload) == Some(super::external::EXTERNAL as u64)
+        })
     })
 }
 
@@ -277,6 +346,20 @@ impl Planner {
         source: Source,
         range: Range<usize>,
     ) -> Result<()> {
+        let header = self.moved(payload, t, source, range)?;
+        self.field(graph_field::INITIALIZER, header);
+        Ok(())
+    }
+
+    /// Reserves sidecar space for a tensor's data, plans its copy there, and returns the
+    /// tensor's payload pointing to it.
+    fn moved(
+        &mut self,
+        payload: &[u8],
+        t: &TensorProto,
+        source: Source,
+        range: Range<usize>,
+    ) -> Result<Vec<u8>> {
         let offset = self.reserve(range.len());
         self.actions
             .push(Action::Sidecar(Piece::Copy(source, range.clone())));
@@ -285,9 +368,61 @@ impl Planner {
             .as_ref()
             .map(|s| s.location.clone())
             .unwrap_or_default();
-        let header = relocated_header(payload, t, &location, offset, range.len())?;
-        self.field(graph_field::INITIALIZER, header);
+        relocated_header(payload, t, &location, offset, range.len())
+    }
+
+    /// A main-graph field of `kind`: rewritten when tensors inside it move to the sidecar,
+    /// copied byte for byte otherwise.
+    fn nested(&mut self, model: &Model, kind: Kind, field: &wire::Field) -> Result<()> {
+        match self.relocated(model, kind, &model.bytes[field.payload.clone()])? {
+            Some(payload) => self.field(field.number, payload),
+            None => self.copy(field.whole.clone()),
+        }
         Ok(())
+    }
+
+    /// `payload`, a message of `kind`, with every external tensor inside it (at any depth)
+    /// moved to the sidecar; `None` when it holds none. Fields are rewritten only on the way to
+    /// such a tensor; all others are kept byte for byte.
+    fn relocated(&mut self, model: &Model, kind: Kind, payload: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Kind::Tensor = kind {
+            if !says_external(payload) {
+                return Ok(None);
+            }
+            let t = TensorProto::decode(payload).map_err(|e| Error::Malformed {
+                path: model.path.clone(),
+                reason: format!("tensor: {e}"),
+            })?;
+            let (location, range) = model.external.range(&t)?;
+            return self
+                .moved(payload, &t, Source::External(location), range)
+                .map(Some);
+        }
+        let fields = wire::scan(payload, 0).map_err(|reason| Error::Malformed {
+            path: model.path.clone(),
+            reason,
+        })?;
+        let mut changed: Vec<Option<Vec<u8>>> = Vec::with_capacity(fields.len());
+        for f in &fields {
+            let child = kind
+                .child(f.number)
+                .filter(|_| f.wire_type == prost::encoding::WireType::LengthDelimited);
+            changed.push(match child {
+                Some(child) => self.relocated(model, child, &payload[f.payload.clone()])?,
+                None => None,
+            });
+        }
+        if changed.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(payload.len() + 64);
+        for (f, new) in fields.iter().zip(changed) {
+            match new {
+                Some(new) => put_bytes_field(&mut out, f.number, &new),
+                None => out.extend_from_slice(&payload[f.whole.clone()]),
+            }
+        }
+        Ok(Some(out))
     }
 
     /// The fused tensors: headers now, data when the block is folded.

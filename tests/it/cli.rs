@@ -46,7 +46,7 @@ fn fuse_prints_one_summary_line() {
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(
         out.starts_with(
-            "fused 7 blocks (5 without identity): 36 → 18 nodes, 22746 → 20258 parameters, verified (worst "
+            "fused 7 blocks (5 without identity): 36 → 18 nodes, 22748 → 20260 parameters, verified (worst "
         ),
         "{out}"
     );

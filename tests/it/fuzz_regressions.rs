@@ -55,7 +55,7 @@ const KNOWN: &[(&str, Expect, &str)] = &[
     (
         "initializer_dims_overflow.onnx",
         Expect::Error(
-            "not a valid ONNX model: initializer 'c1': dims [1099511627776, 2147483647] overflow",
+            "not a valid ONNX model: tensor 'c1': dims [1099511627776, 2147483647] overflow",
         ),
         // An unused initializer declaring 2^71 elements (no data): the report's parameter count
         // multiplied dims in u64 (lib.rs, `elements`) and overflowed.
