@@ -106,6 +106,17 @@ impl<'m> GraphIndex<'m> {
             memo: Mutex::default(),
         };
         index.check_acyclic()?;
+        // The rules the output is held to (single assignment, nothing read undefined), on the
+        // graphs nested in nodes and on functions too: a model broken before we touch it is
+        // the model's fault.
+        let main = crate::onnx::audit::Graph {
+            inputs: &model.inputs,
+            initializers: &model.initializers,
+            sparse_initializers: &model.sparse_initializers,
+            nodes: &model.nodes,
+            outputs: &model.outputs,
+        };
+        crate::onnx::audit::structure(main, &model.functions).map_err(Error::Graph)?;
         Ok(index)
     }
 

@@ -47,6 +47,7 @@ pub use report::{BlockInfo, FuseReport, InspectReport};
 use bytes::Bytes;
 use graph::GraphIndex;
 use onnx::Model;
+use onnx::output::Check;
 use onnx::splice::{self, DataLayout, PROTOBUF_LIMIT};
 use producer::Producer;
 
@@ -343,7 +344,7 @@ fn fuse(
             let sidecar = sidecar
                 .zip(planned.sidecar_len)
                 .map(|(path, len)| onnx::output::Planned { path, len });
-            onnx::output::write_with(model, sidecar, options.sync, write)?;
+            onnx::output::write_with(model, sidecar, options.sync, Check::Model, write)?;
         }
         Target::Memory(out) => {
             if planned.sidecar_len.is_some() {
@@ -354,7 +355,10 @@ fn fuse(
             let mut sink = splice::Sink::Memory(std::mem::take(out));
             write(&mut sink, None)?;
             if let splice::Sink::Memory(bytes) = sink {
-                *out = bytes;
+                // The same invariant as a file's, on the bytes handed back.
+                let bytes = Bytes::from(bytes);
+                onnx::audit::audit(bytes.clone(), None).map_err(Error::Internal)?;
+                *out = Vec::from(bytes);
             }
         }
         Target::Discard => write(&mut splice::Sink::Discard, Some(&mut splice::Sink::Discard))?,

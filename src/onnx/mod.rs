@@ -8,6 +8,7 @@ pub mod proto {
 }
 
 pub mod attr;
+pub mod audit;
 pub mod external;
 pub mod model;
 pub mod output;

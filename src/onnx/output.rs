@@ -77,23 +77,35 @@ pub struct Planned<'a> {
     pub len: u64,
 }
 
+/// What to check on the written files before they are put into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Nothing: the file is not a model (a picture, a report).
+    None,
+    /// The model invariant ([`super::audit`]): a violation is an internal error and nothing is
+    /// published.
+    Model,
+}
+
 /// Writes the model (and its sidecar) atomically: `fill` writes into sinks over temporary files
-/// in the destination directory, which are renamed into place only if it succeeds and wrote
-/// exactly the planned lengths (sidecar first, so a model never points to missing data);
-/// otherwise they vanish. The space is reserved before anything is written, so a full disk is
-/// an error at the start. With `sync` the files reach the disk before the renames (durable
-/// across a power cut, and as slow as the disk).
+/// in the destination directory, which are put into place only if it succeeds and wrote exactly
+/// the planned lengths (sidecar first, so a model never points to missing data), and, with
+/// [`Check::Model`], the model as written passes the output invariant; otherwise they vanish.
+/// The space is reserved before anything is written, so a full disk is an error at the start.
+/// With `sync` the files reach the disk before they appear (durable across a power cut, and as
+/// slow as the disk).
 pub fn write_with(
     model: Planned,
     sidecar: Option<Planned>,
     sync: bool,
+    check: Check,
     fill: impl FnOnce(&mut Sink, Option<&mut Sink>) -> Result<()>,
 ) -> Result<()> {
     let output = model.path;
-    let model_tmp = temporary(model)?;
-    let sidecar_tmp = sidecar.map(temporary).transpose()?;
-    let sink = |tmp: &tempfile::NamedTempFile, path: &Path| -> Result<Sink> {
-        let file = tmp.as_file().try_clone().map_err(|e| Error::io(path, e))?;
+    let model_tmp = Temporary::new(model)?;
+    let sidecar_tmp = sidecar.map(Temporary::new).transpose()?;
+    let sink = |tmp: &Temporary, path: &Path| -> Result<Sink> {
+        let file = tmp.file().try_clone().map_err(|e| Error::io(path, e))?;
         // Small fields gather in the buffer; fused tensors come in chunks larger than it, which
         // go to the file directly rather than through another copy.
         Ok(Sink::File(std::io::BufWriter::with_capacity(
@@ -111,7 +123,7 @@ pub fn write_with(
     let written = sidecar_tmp.iter().zip(sidecar).chain([(&model_tmp, model)]);
     for (tmp, planned) in written {
         let len = tmp
-            .as_file()
+            .file()
             .metadata()
             .map_err(|e| Error::io(planned.path, e))?
             .len();
@@ -122,47 +134,255 @@ pub fn write_with(
             });
         }
         if sync {
-            let file = tmp.as_file();
+            let file = tmp.file();
             file.sync_data().map_err(|e| Error::io(planned.path, e))?;
         }
     }
+    if check == Check::Model {
+        audit_written(&model_tmp, output, sidecar)?;
+    }
     if let (Some(tmp), Some(planned)) = (sidecar_tmp, sidecar) {
         let path = planned.path;
-        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+        tmp.persist(path).map_err(|e| Error::io(path, e))?;
     }
     model_tmp
         .persist(output)
-        .map_err(|e| Error::io(output, e.error))?;
+        .map_err(|e| Error::io(output, e))?;
     Ok(())
 }
 
-/// Writes `bytes` to `output` atomically (a model fused in memory), durably with `sync`.
+/// Maps the written model and checks the output invariant on it.
+fn audit_written(tmp: &Temporary, output: &Path, sidecar: Option<Planned>) -> Result<()> {
+    // SAFETY: a read-only map of our own temporary file, which nothing else can reach (it has
+    // no name, or a random hidden one) and which nothing writes any more.
+    let map = unsafe { memmap2::Mmap::map(tmp.file()) }.map_err(|e| Error::io(output, e))?;
+    let location = sidecar.and_then(|s| s.path.file_name()?.to_str());
+    let sidecar = sidecar
+        .zip(location)
+        .map(|(s, location)| super::audit::Sidecar {
+            location,
+            len: s.len,
+        });
+    super::audit::audit(bytes::Bytes::from_owner(map), sidecar).map_err(Error::Internal)
+}
+
+/// Writes `bytes` to `output` atomically (a model fused in memory and checked there, or a
+/// picture), durably with `sync`.
 pub fn write_bytes(output: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     check_output(output, &[])?;
     let planned = Planned {
         path: output,
         len: bytes.len() as u64,
     };
-    write_with(planned, None, sync, |sink, _| match sink {
+    write_with(planned, None, sync, Check::None, |sink, _| match sink {
         Sink::File(w) => std::io::Write::write_all(w, bytes).map_err(|e| Error::io(output, e)),
         _ => Ok(()),
     })
 }
 
-/// A temporary file next to `planned.path`, its space reserved; it vanishes unless persisted.
-fn temporary(planned: Planned) -> Result<tempfile::NamedTempFile> {
-    let dir = parent_dir(planned.path);
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".onnx-repvgg-").suffix(".tmp");
+/// A file being written next to its destination, invisible to everyone until it is persisted.
+enum Temporary {
+    /// Linux `O_TMPFILE`: a file with no name at all until it is linked into place; if the
+    /// process dies — even by SIGKILL — the kernel frees it and nothing is left behind.
+    #[cfg(target_os = "linux")]
+    Unnamed { file: std::fs::File, dir: PathBuf },
+    /// Where the file system (or the system) cannot: a hidden file with a random name, removed
+    /// when dropped and, in the binary, on SIGINT, SIGTERM and SIGHUP ([`clean_up_on_signals`]).
+    Named {
+        tmp: tempfile::NamedTempFile,
+        _pending: pending::Registered,
+    },
+}
+
+impl Temporary {
+    /// A temporary file next to `planned.path`, its space reserved.
+    fn new(planned: Planned) -> Result<Temporary> {
+        let dir = parent_dir(planned.path);
+        let tmp = match Temporary::unnamed(dir) {
+            Some(tmp) => tmp,
+            None => Temporary::named(dir).map_err(|e| Error::io(dir, e))?,
+        };
+        reserve(tmp.file(), planned.len).map_err(|e| Error::io(planned.path, e))?;
+        Ok(tmp)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn unnamed(dir: &Path) -> Option<Temporary> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Linking the file into place goes through /proc/self/fd.
+        if !Path::new("/proc/self/fd").is_dir() {
+            return None;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            // Like any new file (0666 less the umask), not a private 0600.
+            .mode(0o666)
+            .open(dir)
+            .ok()?;
+        Some(Temporary::Unnamed {
+            file,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn unnamed(_dir: &Path) -> Option<Temporary> {
+        None
+    }
+
+    fn named(dir: &Path) -> std::io::Result<Temporary> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".onnx-repvgg-").suffix(".tmp");
+        #[cfg(unix)]
+        {
+            // Like any new file (0666 less the umask), not tempfile's private 0600.
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let tmp = builder.tempfile_in(dir)?;
+        let _pending = pending::Registered::new(tmp.path());
+        Ok(Temporary::Named { tmp, _pending })
+    }
+
+    fn file(&self) -> &std::fs::File {
+        match self {
+            #[cfg(target_os = "linux")]
+            Temporary::Unnamed { file, .. } => file,
+            Temporary::Named { tmp, .. } => tmp.as_file(),
+        }
+    }
+
+    /// Puts the file at `path` in one step, replacing what was there.
+    fn persist(self, path: &Path) -> std::io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Temporary::Unnamed { file, dir } => {
+                use std::os::unix::io::AsRawFd;
+                let fd = file.as_raw_fd();
+                match link_fd(fd, path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        // Replacing a file takes a name first, then a rename over it.
+                        let temp = link_hidden(fd, &dir)?;
+                        let renamed = std::fs::rename(temp.path(), path);
+                        if renamed.is_err() {
+                            let _ = std::fs::remove_file(temp.path());
+                        }
+                        renamed
+                    }
+                    other => other,
+                }
+            }
+            Temporary::Named { tmp, _pending } => tmp.persist(path).map(drop).map_err(|e| e.error),
+        }
+    }
+}
+
+/// Gives the unnamed file `fd` the name `to` (fails with `AlreadyExists` if taken).
+#[cfg(target_os = "linux")]
+fn link_fd(fd: std::os::unix::io::RawFd, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{fd}"))?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: two NUL-terminated paths; linkat only reads them.
+    let done = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    match done {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Gives the unnamed file `fd` a fresh hidden name in `dir`, registered as pending while the
+/// guard lives.
+#[cfg(target_os = "linux")]
+fn link_hidden(fd: std::os::unix::io::RawFd, dir: &Path) -> std::io::Result<pending::Registered> {
+    let mut attempt = 0u32;
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            ".onnx-repvgg-{}-{nanos:x}-{attempt}.tmp",
+            std::process::id()
+        );
+        let temp = pending::Registered::new(&dir.join(name));
+        match link_fd(fd, temp.path()) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 64 => attempt += 1,
+            linked => return linked.map(|()| temp),
+        }
+    }
+}
+
+/// Named temporary files that exist right now, to remove if the process is interrupted.
+mod pending {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    fn files() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+        FILES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A path listed as pending while this guard lives.
+    #[derive(Debug)]
+    pub struct Registered(PathBuf);
+
+    impl Registered {
+        pub fn new(path: &Path) -> Registered {
+            files().push(path.to_path_buf());
+            Registered(path.to_path_buf())
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            files().retain(|p| *p != self.0);
+        }
+    }
+
+    /// Removes every pending file.
+    pub fn remove_all() {
+        for path in files().drain(..) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// For a program: on SIGINT, SIGTERM or SIGHUP, removes the named temporary files being written
+/// (where unnamed ones are not available) and then dies of the signal as it would have. Call it
+/// once, early; the library never installs signal handlers by itself.
+pub fn clean_up_on_signals() -> std::io::Result<()> {
     #[cfg(unix)]
     {
-        // Like any new file (0666 less the umask), not tempfile's private 0600.
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    pending::remove_all();
+                    let _ = signal_hook::low_level::emulate_default_handler(signal);
+                    std::process::exit(128 + signal);
+                }
+            })?;
     }
-    let tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
-    reserve(tmp.as_file(), planned.len).map_err(|e| Error::io(planned.path, e))?;
-    Ok(tmp)
+    Ok(())
 }
 
 /// Allocates disk blocks for `len` bytes to the empty file `file` (`fallocate`, keeping its size
@@ -227,7 +447,7 @@ mod tests {
         let (side, _) = sidecar_for(&out).unwrap();
         let planned = |path, len| Planned { path, len };
         let (model, sidecar) = (planned(&out, 5), Some(planned(&side, 4)));
-        write_with(model, sidecar, false, |m, s| {
+        write_with(model, sidecar, false, Check::None, |m, s| {
             for (sink, data) in [(m, &b"model"[..]), (s.unwrap(), &b"data"[..])] {
                 if let Sink::File(w) = sink {
                     w.write_all(data).unwrap();
@@ -241,7 +461,7 @@ mod tests {
         // A writer that leaves the file shorter (or longer) than planned fails, and leaves the
         // earlier output as it was.
         for len in [6, 4] {
-            let err = write_with(planned(&out, len), None, false, |m, _| {
+            let err = write_with(planned(&out, len), None, false, Check::None, |m, _| {
                 if let Sink::File(w) = m {
                     w.write_all(b"other").unwrap();
                 }
