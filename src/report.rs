@@ -88,8 +88,8 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
         top = inner;
     }
     match top {
-        Term::Sum { .. } => summands(index, top, false, &mut info.branches),
-        leaf => info.branches.push(branch_label(index, leaf)),
+        Term::Sum { .. } => summands(index, block, top, false, &mut info.branches),
+        leaf => info.branches.push(branch_label(index, block, leaf)),
     }
     info
 }
@@ -105,15 +105,15 @@ fn weight_dims(index: &GraphIndex, conv: usize) -> Vec<usize> {
 }
 
 /// Flattens nested sums into one list of summand labels.
-fn summands(index: &GraphIndex, term: &Term, negated: bool, out: &mut Vec<String>) {
+fn summands(index: &GraphIndex, block: &Block, term: &Term, negated: bool, out: &mut Vec<String>) {
     match term {
         Term::Sum { terms, .. } => {
             for (neg, t) in terms {
-                summands(index, t, negated ^ neg, out);
+                summands(index, block, t, negated ^ neg, out);
             }
         }
         other => {
-            let label = branch_label(index, other);
+            let label = branch_label(index, block, other);
             out.push(if negated {
                 format!("−{label}")
             } else {
@@ -124,10 +124,12 @@ fn summands(index: &GraphIndex, term: &Term, negated: bool, out: &mut Vec<String
 }
 
 /// `3x3`, `1x1`, `7x7 d2`, `avgpool 3x3`, `identity`; a Conv with per-channel ops after it is
-/// labelled by its kernel.
-fn branch_label(index: &GraphIndex, term: &Term) -> String {
+/// labelled by its kernel; a summand that is some other value (in a block that cannot fold), by
+/// its name.
+fn branch_label(index: &GraphIndex, block: &Block, term: &Term) -> String {
     match term {
-        Term::Raw(_) => "identity".into(),
+        Term::Raw(v) if *v == block.input => "identity".into(),
+        Term::Raw(v) => v.clone(),
         Term::Conv(n) => {
             let dims = weight_dims(index, *n);
             let kernel = dims.get(2..).unwrap_or(&[]);
@@ -157,10 +159,10 @@ fn branch_label(index: &GraphIndex, term: &Term) -> String {
                 k.iter().map(i64::to_string).collect::<Vec<_>>().join("x")
             )
         }
-        Term::Channel { inner, .. } => branch_label(index, inner),
+        Term::Channel { inner, .. } => branch_label(index, block, inner),
         Term::Sum { .. } => {
             let mut inner = Vec::new();
-            summands(index, term, false, &mut inner);
+            summands(index, block, term, false, &mut inner);
             format!("({})", inner.join(" + "))
         }
     }

@@ -57,3 +57,43 @@ pub fn new_ints(name: &str, values: impl IntoIterator<Item = i64>) -> AttributeP
         ..Default::default()
     }
 }
+
+/// Builds a FLOAT attribute.
+pub fn new_float(name: &str, value: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.to_string()),
+        r#type: Some(1),
+        f: Some(value),
+        ..Default::default()
+    }
+}
+
+/// Builds a STRING attribute.
+pub fn new_string(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.to_string()),
+        r#type: Some(3),
+        s: Some(value.as_bytes().to_vec().into()),
+        ..Default::default()
+    }
+}
+
+/// Builds a GRAPH attribute.
+pub fn new_graph(name: &str, graph: super::proto::GraphProto) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.to_string()),
+        r#type: Some(5),
+        g: Some(graph),
+        ..Default::default()
+    }
+}
+
+/// Builds a TENSOR attribute.
+pub fn new_tensor(name: &str, tensor: super::proto::TensorProto) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.to_string()),
+        r#type: Some(4),
+        t: Some(tensor),
+        ..Default::default()
+    }
+}

@@ -278,6 +278,15 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_invariant_is_reported_as_ours() {
+        let err = crate::Error::Internal("'a' is defined twice".into());
+        assert_eq!(
+            err.to_string(),
+            "internal error: 'a' is defined twice; please report"
+        );
+    }
+
+    #[test]
     fn a_sound_model_passes() {
         let body = branch(vec![node("Relu", &["a"], &["b"])], &["b"]);
         let g = graph(

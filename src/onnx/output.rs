@@ -441,6 +441,44 @@ mod tests {
     }
 
     #[test]
+    fn named_temporaries_are_listed_until_persisted_and_removed_on_interruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        let kept = Temporary::named(dir.path()).unwrap();
+        let interrupted = Temporary::named(dir.path()).unwrap();
+        assert_eq!(count(), 2);
+        kept.persist(&dir.path().join("out.onnx")).unwrap();
+        // What a signal does before the process dies: the one still being written goes.
+        pending::remove_all();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["out.onnx"]);
+        drop(interrupted);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn unnamed_temporaries_have_no_name_until_linked_and_replace_what_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.onnx");
+        std::fs::write(&out, b"old").unwrap();
+        let tmp = Temporary::unnamed(dir.path()).expect("O_TMPFILE on this file system");
+        std::io::Write::write_all(&mut tmp.file(), b"new").unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        tmp.persist(&out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let fresh = dir.path().join("fresh.onnx");
+        Temporary::unnamed(dir.path())
+            .unwrap()
+            .persist(&fresh)
+            .unwrap();
+        assert!(fresh.exists());
+    }
+
+    #[test]
     fn writes_atomically_and_leaves_no_temporaries() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("m.onnx");

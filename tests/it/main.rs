@@ -5,6 +5,7 @@
 mod common;
 
 mod cli;
+mod edges;
 mod families;
 mod fidelity;
 mod fixtures;

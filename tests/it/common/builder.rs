@@ -14,40 +14,12 @@ pub struct Builder {
     seed: u64,
 }
 
-pub fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(2),
-        i: Some(v),
-        ..Default::default()
-    }
-}
+pub use onnx_repvgg::onnx::attr::{
+    new_float as float, new_int as int, new_ints, new_string as string,
+};
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(7),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(1),
-        f: Some(v),
-        ..Default::default()
-    }
-}
-
-fn string(name: &str, v: &str) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(3),
-        s: Some(v.as_bytes().to_vec().into()),
-        ..Default::default()
-    }
+    new_ints(name, v.iter().copied())
 }
 
 pub fn value_info(name: &str, shape: &[i64]) -> ValueInfoProto {
