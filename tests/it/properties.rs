@@ -161,8 +161,20 @@ fn to_f16(b: &mut Builder, raw: bool) {
 /// are rounded to it.
 const TOLERANCE_FP16_PROPERTY: f64 = 1e-2;
 
+/// `cases` cases; failures are kept next to this file (`properties.proptest-regressions`) and
+/// replayed first.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(
+            prop::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(config(24))]
 
     #[test]
     fn random_blocks_fold_to_one_conv_with_the_same_outputs(g in geometry(), seed in 0u64..1000) {
@@ -245,5 +257,87 @@ proptest! {
         let run = fuse(&src, &dst, &[]);
         prop_assert!(run.status.success());
         prop_assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+    }
+}
+
+/// How a Conv pads: `auto_pad`, or explicit begin and end pads (the same on both axes).
+#[derive(Debug, Clone, Copy)]
+enum Padding {
+    SameUpper,
+    SameLower,
+    Valid,
+    Explicit(i64, i64),
+}
+
+fn padding() -> impl Strategy<Value = Padding> {
+    prop_oneof![
+        Just(Padding::SameUpper),
+        Just(Padding::SameLower),
+        Just(Padding::Valid),
+        (0i64..=2, 0i64..=2).prop_map(|(b, e)| Padding::Explicit(b, e)),
+    ]
+}
+
+fn padded_conv(b: &mut Builder, k: usize, stride: i64, padding: Padding) -> String {
+    let w = b.init(&[4, 4, k, k], -0.5, 0.5);
+    let mut attrs = vec![new_ints("strides", [stride; 2])];
+    attrs.push(match padding {
+        Padding::SameUpper => onnx_repvgg::onnx::attr::new_string("auto_pad", "SAME_UPPER"),
+        Padding::SameLower => onnx_repvgg::onnx::attr::new_string("auto_pad", "SAME_LOWER"),
+        Padding::Valid => onnx_repvgg::onnx::attr::new_string("auto_pad", "VALID"),
+        Padding::Explicit(begin, end) => new_ints("pads", [begin, begin, end, end]),
+    });
+    let c = b.node("Conv", &["x", &w], attrs);
+    b.bn(&c, 4, 1e-5)
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    /// Two branches with any padding — `auto_pad` SAME_UPPER/SAME_LOWER/VALID or asymmetric
+    /// pads — any kernel, stride 1 to 3, on even and odd sizes: whenever the model is valid
+    /// (the branches' outputs have one size, as tract finds), it folds to one Conv with the
+    /// same outputs at the declared size.
+    #[test]
+    fn any_padding_that_gives_one_output_size_folds(
+        size in 4usize..=12,
+        stride in 1i64..=3,
+        (ka, kb) in (1usize..=5, prop::sample::select(vec![1usize, 3])),
+        (pa, pb) in (padding(), padding()),
+    ) {
+        // Both branches must give outputs of one size (Add would broadcast a 1x1 output).
+        let outputs = |k: usize, p: Padding| -> Option<usize> {
+            let s = stride as usize;
+            match p {
+                Padding::SameUpper | Padding::SameLower => Some(size.div_ceil(s)),
+                Padding::Valid => size.checked_sub(k).map(|n| n / s + 1),
+                Padding::Explicit(b, e) => {
+                    (size + b as usize + e as usize).checked_sub(k).map(|n| n / s + 1)
+                }
+            }
+        };
+        prop_assume!(outputs(ka, pa).is_some() && outputs(ka, pa) == outputs(kb, pb));
+        let mut b = Builder::new(&[1, 4, size as i64, size as i64]);
+        let a = padded_conv(&mut b, ka, stride, pa);
+        let c = padded_conv(&mut b, kb, stride, pb);
+        let y = b.node("Add", &[&a, &c], vec![]);
+        b.output(&y, &[1, 4, 1, 1]);
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
+        std::fs::write(&src, b.build()).unwrap();
+        let x = Tensor::from(tract_ndarray::ArrayD::from_shape_vec(
+            vec![1, 4, size, size],
+            (0..4 * size * size).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect(),
+        ).unwrap());
+        let want = run_tract(&src, &x);
+        let (deploy, report) = onnx_repvgg::fuse_model(&b.build(), Default::default())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(report.fused.len(), 1, "{:?}", report.skipped);
+        std::fs::write(&dst, deploy).unwrap();
+        let ops = op_histogram(&dst);
+        prop_assert_eq!(ops.get("Conv"), Some(&1));
+        let got = run_tract(&dst, &x);
+        let rel = relative_error(&want[0], &got[0]);
+        prop_assert!(rel < 1e-5, "relative error {}", rel);
     }
 }
