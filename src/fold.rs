@@ -253,7 +253,7 @@ fn channel_params(
     options: FoldOptions,
 ) -> Result<ScaleShift, FoldError> {
     Ok(match op {
-        ChannelOp::BatchNorm => bn_scale_shift(index, node, options)?,
+        ChannelOp::BatchNorm => bn_scale_shift(index, node, o, options)?,
         ChannelOp::Mul(c) => (per_channel(index, node, c, o, rank)?, vec![0.0; o]),
         ChannelOp::Div(c) => {
             let d = per_channel(index, node, c, o, rank)?;
@@ -455,10 +455,11 @@ fn conv_layout(
         };
         tensor::check_data(&b, &index.model.external)?;
         if tensor::shape(&b)?.0 != [out_channels] {
-            return skip(format!(
-                "Conv '{name}': bias '{b_name}' has shape {:?} for {out_channels} channels",
+            let reason = format!(
+                "bias of Conv '{name}' has shape {:?} for {out_channels} channels",
                 b.dims
-            ));
+            );
+            return Err(Error::tensor(b_name, reason).into());
         }
     }
     let geometry = geometry(node, &dims, spatial)
@@ -606,6 +607,7 @@ pub fn is_training_bn(index: &GraphIndex, i: usize) -> bool {
 fn bn_scale_shift(
     index: &GraphIndex,
     i: usize,
+    channels: usize,
     options: FoldOptions,
 ) -> Result<(Vec<f64>, Vec<f64>), FoldError> {
     let node = index.node(i);
@@ -624,7 +626,8 @@ fn bn_scale_shift(
     let mut params = Vec::with_capacity(4);
     for (slot, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
         let Some(v) = node.input.get(slot).filter(|v| !v.is_empty()) else {
-            return skip(format!("BatchNormalization '{name}' has no {what} input"));
+            let reason = format!("BatchNormalization '{name}' has no {what} input");
+            return Err(Error::Graph(reason).into());
         };
         let Some(t) = index.constant(v) else {
             return skip(format!(
@@ -633,9 +636,8 @@ fn bn_scale_shift(
         };
         let values = tensor::read_f64(&t, &index.model.external)?;
         if values.ndim() != 1 {
-            return skip(format!(
-                "BatchNormalization '{name}': {what} '{v}' is not 1-D"
-            ));
+            let reason = format!("{what} of BatchNormalization '{name}' is not 1-D");
+            return Err(Error::tensor(v, reason).into());
         }
         if values.iter().any(|x| !x.is_finite()) {
             return Err(Error::tensor(
@@ -646,15 +648,20 @@ fn bn_scale_shift(
         }
         params.push((v, Array1::from_iter(values.iter().copied())));
     }
+    // An invalid model, not an unfoldable block: every parameter has one value per channel.
+    for ((v, values), what) in params.iter().zip(["scale", "B", "mean", "var"]) {
+        if values.len() != channels {
+            let reason = format!(
+                "{what} of BatchNormalization '{name}' has {} values for {channels} channels",
+                values.len()
+            );
+            return Err(Error::tensor(v, reason).into());
+        }
+    }
     let [(_, gamma), (_, beta), (_, mean), (var_name, var)] = params
         .try_into()
         .map_err(|_| FoldError::Skip("BatchNormalization parameters".into()))?;
-    let n = gamma.len();
-    if [beta.len(), mean.len(), var.len()].iter().any(|&l| l != n) {
-        return skip(format!(
-            "BatchNormalization '{name}': parameters have different lengths"
-        ));
-    }
+    let n = channels;
     if var.iter().any(|&v| v + epsilon <= 0.0) {
         return Err(Error::tensor(
             var_name,

@@ -593,3 +593,50 @@ mod libc_signal {
     pub const INT: i32 = 2;
     pub const TERM: i32 = 15;
 }
+
+#[test]
+fn an_invalid_model_is_an_error_naming_the_tensor_not_a_skip() {
+    // BatchNormalization parameters of the wrong length, a Conv bias of the wrong shape: the
+    // model is broken, and passing it through as "skipped" would hide that.
+    let bn_too_short = || {
+        let mut b = Builder::new(&[1, 4, 6, 6]);
+        let c = b.conv("x", ConvSpec::k3(4, 4));
+        let y = b.bn(&c, 4, 1e-5);
+        b.output(&y, &[1, 4, 6, 6]);
+        let mean = b.graph.node[1].input[3].clone();
+        let t = b.graph.initializer.iter_mut().find(|t| t.name() == mean);
+        let t = t.unwrap();
+        t.dims = vec![3];
+        t.float_data.truncate(3);
+        (b, mean)
+    };
+    let (b, mean) = bn_too_short();
+    let err = onnx_repvgg::fuse_model(&b.build(), Default::default()).unwrap_err();
+    let err = err.to_string();
+    assert!(
+        err.contains(&format!("tensor '{mean}'")) && err.contains("3 values for 4"),
+        "{err}"
+    );
+    let mut b = Builder::new(&[1, 4, 6, 6]);
+    let c = b.conv(
+        "x",
+        ConvSpec {
+            bias: true,
+            ..ConvSpec::k3(4, 4)
+        },
+    );
+    let y = b.bn(&c, 4, 1e-5);
+    b.output(&y, &[1, 4, 6, 6]);
+    let bias = b.graph.node[0].input[2].clone();
+    b.graph
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == bias)
+        .unwrap()
+        .dims = vec![2, 2];
+    let err = onnx_repvgg::fuse_model(&b.build(), Default::default()).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("tensor '{bias}'")),
+        "{err}"
+    );
+}
