@@ -71,7 +71,7 @@ fn location_or_unknown(t: &TensorProto) -> String {
 /// The external files a model refers to, each mapped once.
 #[derive(Debug, Default)]
 pub struct ExternalStore {
-    files: HashMap<String, (Option<super::model::Mapped>, Bytes)>,
+    files: HashMap<String, (Option<super::map::Mapped>, Bytes)>,
     paths: Vec<PathBuf>,
 }
 
@@ -101,7 +101,7 @@ impl ExternalStore {
                 location: r.location.clone(),
                 reason,
             })?;
-            let mapped = super::model::map_file(&path).map_err(|e| Error::ExternalData {
+            let mapped = super::map::map_file(&path).map_err(|e| Error::ExternalData {
                 name: name.to_string(),
                 location: r.location.clone(),
                 reason: match e {
@@ -135,7 +135,7 @@ impl ExternalStore {
             .ok_or_else(|| Error::Graph(format!("external data '{location}' was not opened")))
     }
 
-    /// Lets go of the mapped pages (see [`super::model::Mapped::release`]).
+    /// Lets go of the mapped pages (see [`super::map::Mapped::release`]).
     pub fn release_pages(&self) {
         self.files
             .values()
@@ -143,7 +143,7 @@ impl ExternalStore {
             .for_each(|m| m.release());
     }
 
-    /// Lets go of the mapped pages under `bytes` (see [`super::model::Mapped::release_range`]).
+    /// Lets go of the mapped pages under `bytes` (see [`super::map::Mapped::release_range`]).
     pub fn release(&self, bytes: &[u8]) {
         self.files
             .values()
