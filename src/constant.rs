@@ -4,6 +4,10 @@
 //! interpreter evaluates the shape and arithmetic operators such subgraphs use, in f64 for float
 //! types and i64 for integer ones; anything else, or anything large, is not a constant.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
 use crate::graph::{GraphIndex, is_default_domain};
@@ -82,6 +86,79 @@ impl Value {
     }
 }
 
+/// The graph's constants: declared ones, and those its constant subgraphs compute, evaluated
+/// once each (a memo shared by every thread). Derefs to the [`GraphIndex`] it reads.
+#[derive(Debug)]
+pub struct Constants<'i, 'm> {
+    pub index: &'i GraphIndex<'m>,
+    /// Constant subgraph results, and values found not to be constant.
+    memo: Mutex<HashMap<String, Option<Value>>>,
+}
+
+impl<'m> std::ops::Deref for Constants<'_, 'm> {
+    type Target = GraphIndex<'m>;
+
+    fn deref(&self) -> &GraphIndex<'m> {
+        self.index
+    }
+}
+
+impl<'i, 'm> Constants<'i, 'm> {
+    pub fn new(index: &'i GraphIndex<'m>) -> Self {
+        Constants {
+            index,
+            memo: Mutex::default(),
+        }
+    }
+
+    /// The constant tensor named `value`: an initializer that is not an overridable graph input,
+    /// a `Constant` node's tensor, or the result of a constant subgraph.
+    pub fn constant(&self, value: &str) -> Option<Cow<'m, TensorProto>> {
+        if let Some(t) = self.index.declared_constant(value) {
+            return Some(Cow::Borrowed(t));
+        }
+        self.evaluate(value).map(|v| Cow::Owned(v.to_tensor(value)))
+    }
+
+    /// Like [`Self::constant`], but refuses a computed constant bigger than the stored values it
+    /// is computed from (a weight the model generates, e.g. with `ConstantOfShape`): folding it
+    /// would store in full what the model keeps compact.
+    pub fn stored_constant(&self, value: &str) -> Option<Cow<'m, TensorProto>> {
+        let t = self.constant(value)?;
+        if matches!(t, Cow::Owned(_)) {
+            let elements: usize = t.dims.iter().map(|&d| d.max(0) as usize).product();
+            if elements > stored_elements(self.index, value) {
+                return None;
+            }
+        }
+        Some(t)
+    }
+
+    /// The dims of a tensor value: declared (initializer or `Constant`), else computed by its
+    /// constant subgraph.
+    pub fn tensor_dims(&self, value: &str) -> Option<Vec<i64>> {
+        match self.index.declared_tensor(value) {
+            Some(t) => Some(t.dims.clone()),
+            None => self.constant(value).map(|t| t.dims.clone()),
+        }
+    }
+
+    /// Evaluates `value` if it depends on constants only.
+    pub fn evaluate(&self, value: &str) -> Option<Value> {
+        eval(self, value, 0)
+    }
+
+    fn memo(&self, value: &str) -> Option<Option<Value>> {
+        self.memo.lock().ok()?.get(value).cloned()
+    }
+
+    fn remember(&self, value: &str, result: Option<Value>) {
+        if let Ok(mut memo) = self.memo.lock() {
+            memo.insert(value.to_string(), result);
+        }
+    }
+}
+
 /// How many stored values (initializers, `Constant` tensors and attributes) the constant subgraph
 /// computing `value` reads.
 pub fn stored_elements(index: &GraphIndex, value: &str) -> usize {
@@ -124,12 +201,7 @@ pub fn from_tensor(index: &GraphIndex, t: &TensorProto) -> Option<Value> {
     }
 }
 
-/// Evaluates `value` if it depends on constants only.
-pub fn evaluate(index: &GraphIndex, value: &str) -> Option<Value> {
-    eval(index, value, 0)
-}
-
-fn eval(index: &GraphIndex, value: &str, depth: usize) -> Option<Value> {
+fn eval(index: &Constants, value: &str, depth: usize) -> Option<Value> {
     if depth > MAX_DEPTH || value.is_empty() {
         return None;
     }
@@ -149,7 +221,7 @@ fn eval(index: &GraphIndex, value: &str, depth: usize) -> Option<Value> {
     result
 }
 
-fn eval_node(index: &GraphIndex, value: &str, depth: usize) -> Option<Value> {
+fn eval_node(index: &Constants, value: &str, depth: usize) -> Option<Value> {
     let node = index.node(index.producer(value)?);
     if !is_default_domain(node) || node.output.first().map(String::as_str) != Some(value) {
         return None;
@@ -161,7 +233,7 @@ fn eval_node(index: &GraphIndex, value: &str, depth: usize) -> Option<Value> {
 
 /// One operator on constant inputs.
 fn apply(
-    index: &GraphIndex,
+    index: &Constants,
     node: &NodeProto,
     input: &dyn Fn(usize) -> Option<Value>,
 ) -> Option<Value> {
@@ -285,10 +357,12 @@ fn constant_node(node: &NodeProto) -> Option<Value> {
 }
 
 /// The static shape of a constant or declared value.
-fn input_shape(index: &GraphIndex, value: &str) -> Option<Vec<i64>> {
+fn input_shape(index: &Constants, value: &str) -> Option<Vec<i64>> {
     match index.declared_constant(value) {
         Some(t) => Some(t.dims.clone()),
-        None => evaluate(index, value).map(|v| v.shape().iter().map(|&d| d as i64).collect()),
+        None => index
+            .evaluate(value)
+            .map(|v| v.shape().iter().map(|&d| d as i64).collect()),
     }
 }
 

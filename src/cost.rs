@@ -3,7 +3,7 @@
 //! and the sums count one or two per output element).
 
 use crate::affine::Layout;
-use crate::graph::GraphIndex;
+use crate::constant::Constants;
 use crate::pattern::Block;
 use crate::shapes::Shapes;
 
@@ -20,7 +20,7 @@ pub struct Cost {
 
 /// Counts `block`; `layout` is the fused Conv's, when the block folds.
 pub fn of_block(
-    index: &GraphIndex,
+    index: &Constants,
     block: &Block,
     layout: Option<&Layout>,
     shapes: &Shapes,
@@ -70,7 +70,7 @@ pub fn of_block(
 }
 
 /// FLOPs of one node producing `out` elements.
-fn node_flops(index: &GraphIndex, node: &crate::onnx::proto::NodeProto, out: u64) -> Option<u64> {
+fn node_flops(index: &Constants, node: &crate::onnx::proto::NodeProto, out: u64) -> Option<u64> {
     match node.op_type() {
         "Conv" => {
             let w = index.tensor_dims(node.input.get(1)?)?;

@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use petgraph::dot::{Config, Dot};
 use petgraph::graph::{DiGraph, NodeIndex};
 
+use crate::constant::Constants;
 use crate::error::{Error, Result};
-use crate::graph::GraphIndex;
 use crate::onnx::attr;
 use crate::pattern::Term;
 use crate::plan::Analysis;
@@ -36,7 +36,7 @@ struct Line {
 }
 
 /// Draws the model (or the block named `only`) before and after fusion.
-pub fn draw(index: &GraphIndex, analysis: &Analysis, only: Option<&str>) -> Result<String> {
+pub fn draw(index: &Constants, analysis: &Analysis, only: Option<&str>) -> Result<String> {
     let mut picture = Picture::default();
     let blocks = analysis.blocks();
     if let Some(name) = only
@@ -90,7 +90,7 @@ struct Picture {
 
 impl Picture {
     /// Adds one side: the training structure, or the structure after fusion.
-    fn side(&mut self, index: &GraphIndex, analysis: &Analysis, only: Option<&str>, after: bool) {
+    fn side(&mut self, index: &Constants, analysis: &Analysis, only: Option<&str>, after: bool) {
         let model = index.model;
         // Which block each node belongs to, and the block's colour.
         let mut member: HashMap<usize, (usize, bool)> = HashMap::new();
@@ -285,7 +285,7 @@ fn visit<'t>(term: &'t Term, f: &mut impl FnMut(&'t Term)) {
 }
 
 /// `Conv 3x3 s2 g2`, `BatchNormalization`, `Add`.
-fn op_label(index: &GraphIndex, i: usize) -> String {
+fn op_label(index: &Constants, i: usize) -> String {
     let node = index.node(i);
     let mut label = node.op_type().to_string();
     if node.op_type() == "Conv" {

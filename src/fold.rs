@@ -7,8 +7,8 @@
 use ndarray::Array1;
 
 use crate::affine::{AlgebraError, Geometry, Layout};
+use crate::constant::Constants;
 use crate::error::Error;
-use crate::graph::GraphIndex;
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
 use crate::pattern::{Block, ChannelOp, Term};
@@ -58,7 +58,7 @@ pub struct FoldOptions {
 /// What [`eval`] builds: the recipe of the numbers ([`Recipe`]) or only the shape ([`Layout`]).
 /// Both go through the same checks, so a block planned on layouts folds the same way on numbers.
 trait Algebra: Sized {
-    fn conv(index: &GraphIndex, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError>;
+    fn conv(index: &Constants, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError>;
     fn identity(channels: usize, group: usize, rank: usize) -> Self;
     fn avg_pool(layout: Layout) -> Self;
     fn layout(&self) -> Layout;
@@ -68,7 +68,7 @@ trait Algebra: Sized {
 }
 
 impl Algebra for Layout {
-    fn conv(index: &GraphIndex, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError> {
+    fn conv(index: &Constants, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError> {
         Ok(conv_layout(index, n, spatial)?.0)
     }
     fn identity(channels: usize, group: usize, rank: usize) -> Self {
@@ -92,7 +92,7 @@ impl Algebra for Layout {
 }
 
 impl Algebra for Recipe {
-    fn conv(index: &GraphIndex, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError> {
+    fn conv(index: &Constants, n: usize, spatial: Option<&[usize]>) -> Result<Self, FoldError> {
         let (layout, _) = conv_layout(index, n, spatial)?;
         let node = index.node(n);
         let w = index
@@ -150,7 +150,7 @@ pub struct Planned {
 /// [`recipe`], but reading only per-channel parameters, never weights. `spatial` is the block
 /// input's spatial size when static.
 pub fn layout(
-    index: &GraphIndex,
+    index: &Constants,
     block: &Block,
     options: FoldOptions,
     spatial: Option<&[usize]>,
@@ -184,7 +184,7 @@ const SMALL_KERNEL: usize = 1 << 20;
 /// past [`GROWTH`] times, that is no re-parameterization worth writing, and hostile attributes
 /// must not exhaust memory.
 fn check_size(
-    index: &GraphIndex,
+    index: &Constants,
     block: &Block,
     layout: &Layout,
     spatial: Option<&[usize]>,
@@ -212,7 +212,7 @@ fn check_size(
 /// The block's fused kernel as a [`Recipe`] over all its output channels (the weights are read
 /// only when its rows are encoded), on an input of spatial size `spatial` when static.
 pub fn recipe(
-    index: &GraphIndex,
+    index: &Constants,
     block: &Block,
     options: FoldOptions,
     spatial: Option<&[usize]>,
@@ -222,7 +222,7 @@ pub fn recipe(
 }
 
 fn context<'s>(
-    index: &GraphIndex,
+    index: &Constants,
     block: &Block,
     spatial: Option<&'s [usize]>,
 ) -> Result<(Context<'s>, FloatType), FoldError> {
@@ -245,7 +245,7 @@ type ScaleShift = (Vec<f64>, Vec<f64>);
 
 /// The full per-channel scale and shift of channel node `node`.
 fn channel_params(
-    index: &GraphIndex,
+    index: &Constants,
     node: usize,
     op: &ChannelOp,
     o: usize,
@@ -272,7 +272,7 @@ fn channel_params(
 }
 
 fn eval<A: Algebra>(
-    index: &GraphIndex,
+    index: &Constants,
     term: &Term,
     ctx: &Context,
     options: FoldOptions,
@@ -323,7 +323,7 @@ fn identity_check(ctx: &Context, what: &str) -> Result<(), FoldError> {
 }
 
 /// An `AveragePool` of the input as the layout of a depthwise convolution with weights 1/k.
-fn avg_pool_layout(index: &GraphIndex, n: usize, ctx: &Context) -> Result<Layout, FoldError> {
+fn avg_pool_layout(index: &Constants, n: usize, ctx: &Context) -> Result<Layout, FoldError> {
     let node = index.node(n);
     let name = node.name();
     let Some(kernel) = attr::ints(node, "kernel_shape") else {
@@ -371,7 +371,7 @@ fn avg_pool_layout(index: &GraphIndex, n: usize, ctx: &Context) -> Result<Layout
 /// A constant operand of a Mul/Div/Add/Sub as one value per output channel: its shape must
 /// broadcast against `[N, C, spatial…]` only along the channel axis.
 fn per_channel(
-    index: &GraphIndex,
+    index: &Constants,
     node: usize,
     name: &str,
     channels: usize,
@@ -410,7 +410,7 @@ fn per_channel(
 /// A Conv node's layout and weight type, checked without reading its weight; `spatial` is its
 /// input's spatial size when static.
 fn conv_layout(
-    index: &GraphIndex,
+    index: &Constants,
     i: usize,
     spatial: Option<&[usize]>,
 ) -> Result<(Layout, FloatType), FoldError> {
@@ -480,7 +480,7 @@ fn conv_layout(
 }
 
 /// Why a value is no constant to fold: generated in bulk, computed at run time, or an input.
-fn not_constant(index: &GraphIndex, value: &str) -> String {
+fn not_constant(index: &Constants, value: &str) -> String {
     let Some(node) = index.producer(value).map(|p| index.node(p)) else {
         return match index.is_sparse(value) {
             true => "is a sparse initializer (passed through, never folded)".into(),
@@ -488,7 +488,7 @@ fn not_constant(index: &GraphIndex, value: &str) -> String {
         };
     };
     let generated = matches!(node.op_type(), "ConstantOfShape" | "Expand" | "Tile")
-        || crate::constant::evaluate(index, value).is_some();
+        || index.evaluate(value).is_some();
     if generated {
         format!(
             "is generated by {} '{}' rather than stored; folding would store it in full",
@@ -595,7 +595,7 @@ fn geometry(
 
 /// Whether BatchNormalization node `i` was exported in training mode: `training_mode=1`
 /// (v14+), extra outputs (v9 and older), or `is_test` unset before opset 7.
-pub fn is_training_bn(index: &GraphIndex, i: usize) -> bool {
+pub fn is_training_bn(index: &Constants, i: usize) -> bool {
     let node = index.node(i);
     attr::int(node, "training_mode") == Some(1)
         || node.output.iter().skip(1).any(|o| !o.is_empty())
@@ -605,7 +605,7 @@ pub fn is_training_bn(index: &GraphIndex, i: usize) -> bool {
 
 /// `t = γ / sqrt(σ² + ε)` and `β − μ·t` of an inference-mode BatchNormalization.
 fn bn_scale_shift(
-    index: &GraphIndex,
+    index: &Constants,
     i: usize,
     channels: usize,
     options: FoldOptions,

@@ -1,10 +1,9 @@
 //! A read-only index over the main graph: who produces and who consumes each value, which values
-//! are constants (initializers that are not graph inputs, or `Constant` nodes), and the checks
-//! that make the graph safe to rewrite (no dangling reference, no value produced twice, no cycle).
+//! are declared constants (initializers that are not graph inputs, or `Constant` nodes), and the
+//! checks that make the graph safe to rewrite (no dangling reference, no value produced twice, no
+//! cycle). Values computed by constant subgraphs are [`crate::constant`]'s business, above this.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 
 use petgraph::graph::DiGraph;
 
@@ -22,8 +21,6 @@ pub struct GraphIndex<'m> {
     inputs: HashSet<&'m str>,
     initializers: HashMap<&'m str, usize>,
     sparse: HashSet<&'m str>,
-    /// Constant subgraph results, and values found not to be constant ([`crate::constant`]).
-    memo: Mutex<HashMap<String, Option<crate::constant::Value>>>,
 }
 
 impl<'m> GraphIndex<'m> {
@@ -103,7 +100,6 @@ impl<'m> GraphIndex<'m> {
             inputs,
             initializers,
             sparse,
-            memo: Mutex::default(),
         };
         index.check_acyclic()?;
         // The rules the output is held to (single assignment, nothing read undefined), on the
@@ -183,38 +179,6 @@ impl<'m> GraphIndex<'m> {
                 && self.model.initializers_listed_as_inputs())
     }
 
-    /// The constant tensor named `value`: an initializer that is not an overridable graph input,
-    /// a `Constant` node's tensor, or the result of a constant subgraph (see [`crate::constant`]).
-    pub fn constant(&self, value: &str) -> Option<Cow<'m, TensorProto>> {
-        if let Some(t) = self.declared_constant(value) {
-            return Some(Cow::Borrowed(t));
-        }
-        crate::constant::evaluate(self, value).map(|v| Cow::Owned(v.to_tensor(value)))
-    }
-
-    /// Like [`Self::constant`], but refuses a computed constant bigger than the stored values it
-    /// is computed from (a weight the model generates, e.g. with `ConstantOfShape`): folding it
-    /// would store in full what the model keeps compact.
-    pub fn stored_constant(&self, value: &str) -> Option<Cow<'m, TensorProto>> {
-        let t = self.constant(value)?;
-        if matches!(t, Cow::Owned(_)) {
-            let elements: usize = t.dims.iter().map(|&d| d.max(0) as usize).product();
-            if elements > crate::constant::stored_elements(self, value) {
-                return None;
-            }
-        }
-        Some(t)
-    }
-
-    /// The dims of a tensor value: declared (initializer or `Constant`), else computed by its
-    /// constant subgraph.
-    pub fn tensor_dims(&self, value: &str) -> Option<Vec<i64>> {
-        match self.declared_tensor(value) {
-            Some(t) => Some(t.dims.clone()),
-            None => self.constant(value).map(|t| t.dims.clone()),
-        }
-    }
-
     /// A constant stored as such: an initializer that is not an overridable graph input, or the
     /// `value` tensor of a `Constant` node.
     pub fn declared_constant(&self, value: &str) -> Option<&'m TensorProto> {
@@ -248,18 +212,6 @@ impl<'m> GraphIndex<'m> {
                 _ => None,
             })
             .collect()
-    }
-
-    /// What [`crate::constant`] found for `value` before, if anything.
-    pub(crate) fn memo(&self, value: &str) -> Option<Option<crate::constant::Value>> {
-        self.memo.lock().ok()?.get(value).cloned()
-    }
-
-    /// Remembers the constant `value` evaluates to (or that it is none).
-    pub(crate) fn remember(&self, value: &str, result: Option<crate::constant::Value>) {
-        if let Ok(mut memo) = self.memo.lock() {
-            memo.insert(value.to_string(), result);
-        }
     }
 
     /// The element type of `value`, from its constant or its declared type.

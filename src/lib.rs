@@ -45,6 +45,7 @@ pub use error::{Error, Result};
 pub use report::{BlockInfo, FuseReport, InspectReport};
 
 use bytes::Bytes;
+use constant::Constants;
 use graph::GraphIndex;
 use onnx::Model;
 use onnx::output::Check;
@@ -199,7 +200,8 @@ fn fuse(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<FuseReport> {
     let start = Instant::now();
-    let index = GraphIndex::new(model)?;
+    let graph = GraphIndex::new(model)?;
+    let index = Constants::new(&graph);
     let analysis = plan::analyse(&index, options.fold())?;
     if let Some(training) = analysis.skipped_of(plan::SkipKind::Training).next() {
         return Err(Error::Training {
@@ -421,7 +423,8 @@ fn constant_elements(node: &onnx::proto::NodeProto) -> u64 {
 pub fn dot_file(input: &Path, block: Option<&str>, options: Options) -> Result<String> {
     let model = Model::open(input)?;
     let draw = || -> Result<String> {
-        let index = GraphIndex::new(&model)?;
+        let graph = GraphIndex::new(&model)?;
+        let index = Constants::new(&graph);
         let analysis = plan::analyse(&index, options.fold())?;
         dot::draw(&index, &analysis, block)
     };
@@ -459,7 +462,8 @@ pub fn inspect_file_with(input: &Path, options: &InspectOptions) -> Result<Inspe
 }
 
 fn inspect(model: &Model, options: &InspectOptions) -> Result<InspectReport> {
-    let index = GraphIndex::new(model)?;
+    let graph = GraphIndex::new(model)?;
+    let index = Constants::new(&graph);
     let fold = fold::FoldOptions {
         allow_training_bn: options.allow_training_bn,
     };

@@ -6,7 +6,8 @@
 //! lone Conv→BN pairs alike. Read-only: returns candidates; whether their numbers fold exactly is
 //! decided in `fold`.
 
-use crate::graph::{GraphIndex, is_default_domain};
+use crate::constant::Constants;
+use crate::graph::is_default_domain;
 
 /// A per-output-channel operation applied to a term.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +90,7 @@ pub struct Block {
 
 impl Block {
     /// The value the block produces (the root's output).
-    pub fn output<'a>(&self, index: &GraphIndex<'a>) -> &'a str {
+    pub fn output<'a>(&self, index: &crate::graph::GraphIndex<'a>) -> &'a str {
         &index.node(self.root).output[0]
     }
 
@@ -131,7 +132,7 @@ pub enum Refusal {
 }
 
 /// Every candidate block of the graph, in node order of their roots.
-pub fn find_blocks(index: &GraphIndex) -> Vec<Candidate> {
+pub fn find_blocks(index: &Constants) -> Vec<Candidate> {
     let mut found = Vec::new();
     for i in 0..index.model.nodes.len() {
         if expand(index, i).is_some() && parent(index, i).is_none() {
@@ -148,12 +149,12 @@ enum Expansion<'a> {
     Sum(Vec<(bool, &'a str)>),
 }
 
-fn op_is(index: &GraphIndex, i: usize, op: &str) -> bool {
+fn op_is(index: &Constants, i: usize, op: &str) -> bool {
     let node = index.node(i);
     is_default_domain(node) && node.op_type() == op
 }
 
-fn expand<'a>(index: &GraphIndex<'a>, i: usize) -> Option<Expansion<'a>> {
+fn expand<'a>(index: &Constants<'_, 'a>, i: usize) -> Option<Expansion<'a>> {
     let node = index.node(i);
     if !is_default_domain(node) || node.output.is_empty() || other_outputs_used(index, i) {
         return None;
@@ -191,7 +192,7 @@ fn expand<'a>(index: &GraphIndex<'a>, i: usize) -> Option<Expansion<'a>> {
 /// Whether an output of node `i` beyond the first is read by a node or is a graph output (a
 /// BatchNormalization's running statistics in training mode): the fold would remove it, so such
 /// a node never goes inside a block.
-fn other_outputs_used(index: &GraphIndex, i: usize) -> bool {
+fn other_outputs_used(index: &Constants, i: usize) -> bool {
     let outputs = index.node(i).output.iter().skip(1);
     outputs
         .filter(|o| !o.is_empty())
@@ -199,7 +200,7 @@ fn other_outputs_used(index: &GraphIndex, i: usize) -> bool {
 }
 
 /// The node that alone consumes node `i`'s output (through Identity nodes) and expands it.
-fn parent(index: &GraphIndex, i: usize) -> Option<usize> {
+fn parent(index: &Constants, i: usize) -> Option<usize> {
     let mut value = index.node(i).output.first()?.as_str();
     loop {
         if !index.is_internal(value) {
@@ -220,7 +221,7 @@ fn parent(index: &GraphIndex, i: usize) -> Option<usize> {
 }
 
 /// The term computed by node `i`.
-fn parse(index: &GraphIndex, i: usize) -> Term {
+fn parse(index: &Constants, i: usize) -> Term {
     match expand(index, i) {
         Some(Expansion::Channel(op, child)) => Term::Channel {
             node: i,
@@ -242,7 +243,7 @@ fn parse(index: &GraphIndex, i: usize) -> Term {
 }
 
 /// The term for input `value` of a tree node: expanded only along values used by the tree alone.
-fn child_term(index: &GraphIndex, value: &str) -> Term {
+fn child_term(index: &Constants, value: &str) -> Term {
     let (source, shared) = index.through_identity_shared(value);
     match index.producer(source) {
         Some(p) if shared.is_none() => parse(index, p),
@@ -251,7 +252,7 @@ fn child_term(index: &GraphIndex, value: &str) -> Term {
 }
 
 /// The input a leaf reads.
-fn leaf_input<'a>(index: &GraphIndex<'a>, leaf: &'a Term) -> Option<&'a str> {
+fn leaf_input<'a>(index: &Constants<'_, 'a>, leaf: &'a Term) -> Option<&'a str> {
     match leaf {
         Term::Raw(v) => Some(v),
         Term::Conv(n) | Term::AvgPool(n) => index
@@ -265,7 +266,7 @@ fn leaf_input<'a>(index: &GraphIndex<'a>, leaf: &'a Term) -> Option<&'a str> {
 
 /// Matches the tree rooted at node `root`; where it is no block, tries its sub-trees, and the
 /// outermost tree that looks like a block is reported with the reason it is not one.
-fn match_tree(index: &GraphIndex, root: usize, outermost: bool, found: &mut Vec<Candidate>) {
+fn match_tree(index: &Constants, root: usize, outermost: bool, found: &mut Vec<Candidate>) {
     let term = parse(index, root);
     let mut reads: Vec<&str> = Vec::new();
     let mut convs = 0;
@@ -339,7 +340,7 @@ fn children(term: &Term) -> Vec<&Term> {
 /// Why a leaf does not belong to the block reading `x`: a block's own structure gets in the
 /// way when the leaf's value and `x` are linear functions one of the other; otherwise the tree
 /// is no block at all.
-fn refusal(index: &GraphIndex, leaf: &Term, x: &str) -> Refusal {
+fn refusal(index: &Constants, leaf: &Term, x: &str) -> Refusal {
     let value = match leaf {
         Term::Raw(v) => v.as_str(),
         _ => leaf_input(index, leaf).unwrap_or(""),
@@ -420,7 +421,7 @@ const LINEAR: &[&str] = &[
 
 /// Whether `value` is computed from `x` within a few dozen steps upstream, through
 /// [`LINEAR`] operators only.
-fn descends_linearly(index: &GraphIndex, value: &str, x: &str) -> bool {
+fn descends_linearly(index: &Constants, value: &str, x: &str) -> bool {
     let mut seen = std::collections::HashSet::new();
     let mut frontier = vec![value];
     for _ in 0..32 {

@@ -2,9 +2,9 @@
 //! names chosen) or a skipped [`BlockInfo`] with the reason. Read-only.
 
 use crate::affine::Layout;
+use crate::constant::Constants;
 use crate::error::Result;
 use crate::fold::{self, FoldError, FoldOptions};
-use crate::graph::GraphIndex;
 use crate::naming::{self, NamePool};
 use crate::pattern::{self, Block, Refusal};
 use crate::producer::{self, Producer};
@@ -79,7 +79,7 @@ impl Analysis {
 }
 
 /// Finds and folds every block of the graph.
-pub fn analyse(index: &GraphIndex, options: FoldOptions) -> Result<Analysis> {
+pub fn analyse(index: &Constants, options: FoldOptions) -> Result<Analysis> {
     let mut analysis = Analysis::default();
     let mut pool = NamePool::new(index);
     // Spatial sizes propagated from the declared graph inputs: `auto_pad=SAME_*` with strides,
@@ -169,7 +169,7 @@ impl BlockPlan {
     /// bias and the written rows `sample` asks for. (To fold many blocks, see [`Producer`].)
     pub fn write_tensors(
         &self,
-        index: &GraphIndex,
+        index: &Constants,
         write: &mut dyn FnMut(&[u8]) -> Result<()>,
         sample: &[usize],
     ) -> Result<Produced> {
@@ -180,7 +180,7 @@ impl BlockPlan {
 
     /// Lets go of the input's mapped pages under the data of the tensors the block reads (they
     /// stay in the page cache).
-    pub fn release_pages(&self, index: &GraphIndex) {
+    pub fn release_pages(&self, index: &Constants) {
         let tensors = self
             .block
             .nodes()
@@ -203,7 +203,7 @@ impl BlockPlan {
 /// ahead of the writer and those being folded), each worker's row buffers (at most a row each),
 /// the sampled rows of up to three blocks as written (the check decodes one row at a time) and,
 /// for tensors stored as typed fields rather than raw bytes, their values decoded whole.
-pub fn working_memory(index: &GraphIndex, plans: &[BlockPlan]) -> u64 {
+pub fn working_memory(index: &Constants, plans: &[BlockPlan]) -> u64 {
     let threads = producer::workers() as u64;
     let block = |p: &BlockPlan| {
         let row = p.layout.weight_dims()[1..].iter().product::<usize>() as u64;
@@ -233,7 +233,7 @@ pub fn working_memory(index: &GraphIndex, plans: &[BlockPlan]) -> u64 {
 }
 
 /// BatchNormalization nodes in training mode among the planned blocks.
-pub fn training_bns(index: &GraphIndex, plans: &[BlockPlan]) -> usize {
+pub fn training_bns(index: &Constants, plans: &[BlockPlan]) -> usize {
     plans
         .iter()
         .flat_map(|p| p.block.nodes())

@@ -8,9 +8,9 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::constant::Constants;
 use crate::error::{Error, Result};
 use crate::fold::{self, FoldError};
-use crate::graph::GraphIndex;
 use crate::plan::{BlockPlan, Produced};
 use crate::recipe::{Recipe, Rounding};
 use crate::tensor::{self, FloatType};
@@ -55,7 +55,7 @@ struct State {
 
 /// The folding of `plans` for one output (see the module docs).
 pub struct Producer<'a, 'm> {
-    index: &'a GraphIndex<'m>,
+    index: &'a Constants<'a, 'm>,
     plans: &'a [BlockPlan],
     /// Indices into `plans`, in the order the writer asks for them.
     order: Vec<usize>,
@@ -92,7 +92,7 @@ impl<'a, 'm> Producer<'a, 'm> {
     /// Folds `plans` in `order` on [`workers`] threads while `writer` takes their tensors with
     /// [`Producer::write_block`], in that order; returns what `writer` returns.
     pub fn run<R>(
-        index: &'a GraphIndex<'m>,
+        index: &'a Constants<'a, 'm>,
         plans: &'a [BlockPlan],
         order: Vec<usize>,
         writer: impl FnOnce(&Producer<'a, 'm>) -> R,
@@ -102,7 +102,7 @@ impl<'a, 'm> Producer<'a, 'm> {
 
     /// [`Producer::run`] with `workers` threads and chunks of about `chunk` weights.
     fn run_with<R>(
-        index: &'a GraphIndex<'m>,
+        index: &'a Constants<'a, 'm>,
         plans: &'a [BlockPlan],
         order: Vec<usize>,
         workers: usize,
@@ -123,7 +123,7 @@ impl<'a, 'm> Producer<'a, 'm> {
     }
 
     fn new(
-        index: &'a GraphIndex<'m>,
+        index: &'a Constants<'a, 'm>,
         plans: &'a [BlockPlan],
         order: Vec<usize>,
         workers: usize,
@@ -416,7 +416,7 @@ mod tests {
     /// Runs `body` on the sample grouped model's index and plans, on a thread of its own, and
     /// fails the test if it does not finish: a producer that hangs must fail, not stall the run.
     fn finishes<T: Send + 'static>(
-        body: impl FnOnce(&GraphIndex, Vec<BlockPlan>) -> T + Send + 'static,
+        body: impl FnOnce(&Constants, Vec<BlockPlan>) -> T + Send + 'static,
     ) -> T {
         let (send, receive) = mpsc::channel();
         std::thread::spawn(move || {
@@ -425,7 +425,8 @@ mod tests {
                 "/testdata/models/grouped/ts_nofold_op17.onnx"
             );
             let model = Model::open(std::path::Path::new(path)).unwrap();
-            let index = GraphIndex::new(&model).unwrap();
+            let graph = crate::graph::GraphIndex::new(&model).unwrap();
+            let index = Constants::new(&graph);
             let plans = plan::analyse(&index, Default::default()).unwrap().plans;
             send.send(body(&index, plans))
         });

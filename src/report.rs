@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::graph::GraphIndex;
+use crate::constant::Constants;
 use crate::onnx::attr;
 use crate::pattern::{Block, Term};
 
@@ -53,7 +53,7 @@ impl BlockInfo {
 }
 
 /// Describes `block` from the graph alone (weight dims and attributes; no tensor data).
-pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
+pub fn describe(index: &Constants, block: &Block, name: String) -> BlockInfo {
     let mut info = BlockInfo {
         name,
         in_channels: 0,
@@ -94,7 +94,7 @@ pub fn describe(index: &GraphIndex, block: &Block, name: String) -> BlockInfo {
     info
 }
 
-fn weight_dims(index: &GraphIndex, conv: usize) -> Vec<usize> {
+fn weight_dims(index: &Constants, conv: usize) -> Vec<usize> {
     index
         .node(conv)
         .input
@@ -105,7 +105,7 @@ fn weight_dims(index: &GraphIndex, conv: usize) -> Vec<usize> {
 }
 
 /// Flattens nested sums into one list of summand labels.
-fn summands(index: &GraphIndex, block: &Block, term: &Term, negated: bool, out: &mut Vec<String>) {
+fn summands(index: &Constants, block: &Block, term: &Term, negated: bool, out: &mut Vec<String>) {
     match term {
         Term::Sum { terms, .. } => {
             for (neg, t) in terms {
@@ -126,7 +126,7 @@ fn summands(index: &GraphIndex, block: &Block, term: &Term, negated: bool, out: 
 /// `3x3`, `1x1`, `7x7 d2`, `avgpool 3x3`, `identity`; a Conv with per-channel ops after it is
 /// labelled by its kernel; a summand that is some other value (in a block that cannot fold), by
 /// its name.
-fn branch_label(index: &GraphIndex, block: &Block, term: &Term) -> String {
+fn branch_label(index: &Constants, block: &Block, term: &Term) -> String {
     match term {
         Term::Raw(v) if *v == block.input => "identity".into(),
         Term::Raw(v) => v.clone(),

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 
 use ndarray::{ArrayD, Axis, IxDyn};
 
-use crate::graph::{GraphIndex, is_default_domain};
+use crate::constant::Constants;
+use crate::graph::is_default_domain;
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
 use crate::tensor::{self, FloatType};
@@ -118,7 +119,7 @@ pub struct Expected {
 /// size modulo the stride on every axis (pads of `auto_pad=SAME_*` with strides, and whether
 /// branches with different pads give outputs of one size, depend on nothing else).
 fn expect(
-    index: &GraphIndex,
+    index: &Constants,
     (input, output): (&str, &str),
     node: &NodeProto,
     dims: &[usize],
@@ -337,7 +338,7 @@ fn select(a: &Act, channels: &[usize]) -> Result<ArrayD<f64>, String> {
 }
 
 struct Reference<'a, 'm> {
-    index: &'a GraphIndex<'m>,
+    index: &'a Constants<'a, 'm>,
     input: &'a str,
     x: Act,
     sample: &'a [usize],
@@ -843,7 +844,7 @@ fn average_pool(node: &NodeProto, x: Act, outs: &[usize]) -> Result<Act, String>
 /// Checks a planned block against its fused Conv as written (`rows`: the written weight rows of
 /// [`sample`]`(plan)`, `bias`: the written bias); an error names the block.
 pub fn check(
-    index: &GraphIndex,
+    index: &Constants,
     plan: &crate::plan::BlockPlan,
     node: &NodeProto,
     rows: &ArrayD<f64>,
@@ -866,7 +867,7 @@ fn failure(plan: &crate::plan::BlockPlan, reason: String) -> crate::Error {
 /// The first half of [`check`], from the original alone: what the fused Conv `node` of `plan`
 /// must compute.
 pub fn reference(
-    index: &GraphIndex,
+    index: &Constants,
     plan: &crate::plan::BlockPlan,
     node: &NodeProto,
 ) -> crate::Result<Expected> {

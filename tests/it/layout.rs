@@ -11,7 +11,8 @@ use onnx_repvgg::{plan, rewrite};
 fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
     let input = testdata().join("models/grouped/ts_nofold_op17.onnx");
     let model = Model::open(&input).unwrap();
-    let index = GraphIndex::new(&model).unwrap();
+    let graph = GraphIndex::new(&model).unwrap();
+    let index = onnx_repvgg::constant::Constants::new(&graph);
     let analysis = plan::analyse(&index, Default::default()).unwrap();
     let patch = rewrite::build(&index, &analysis.plans);
     let layout = DataLayout::Sidecar {

@@ -10,7 +10,8 @@ use onnx_repvgg::{plan, rewrite, verify};
 fn planned(path: &std::path::Path) -> (Model, Vec<plan::BlockPlan>) {
     let model = Model::open(path).unwrap();
     let plans = {
-        let index = GraphIndex::new(&model).unwrap();
+        let graph = GraphIndex::new(&model).unwrap();
+        let index = onnx_repvgg::constant::Constants::new(&graph);
         plan::analyse(&index, Default::default()).unwrap().plans
     };
     (model, plans)
@@ -20,7 +21,8 @@ fn planned(path: &std::path::Path) -> (Model, Vec<plan::BlockPlan>) {
 fn correct_folds_pass_and_corrupted_ones_are_caught() {
     for form in ["ts_fold_op17", "ts_nofold_op17", "dynamo_op18"] {
         let (model, plans) = planned(&testdata().join(format!("models/grouped/{form}.onnx")));
-        let index = GraphIndex::new(&model).unwrap();
+        let graph = GraphIndex::new(&model).unwrap();
+        let index = onnx_repvgg::constant::Constants::new(&graph);
         let patch = rewrite::build(&index, &plans);
         for plan in &plans {
             let node = &patch.replaced[&plan.block.root];
