@@ -26,6 +26,7 @@ pub mod graph;
 pub mod memory;
 pub mod naming;
 pub mod onnx;
+pub mod patch;
 pub mod pattern;
 pub mod plan;
 pub mod producer;

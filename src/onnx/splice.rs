@@ -20,7 +20,7 @@ use super::model::{GraphItem, Model, graph_field, model_field};
 use super::proto::{StringStringEntryProto, TensorProto};
 use super::wire::{self, bytes_field_len, put_bytes_field, put_varint_field};
 use crate::error::{Error, Result};
-use crate::rewrite::{NewTensor, Patch};
+use crate::patch::{NewTensor, Patch};
 
 /// TensorProto field numbers the splice rewrites.
 mod tensor_field {
