@@ -79,11 +79,8 @@ fn node_flops(index: &Constants, node: &crate::onnx::proto::NodeProto, out: u64)
             Some(out.saturating_mul(per_output.saturating_mul(2).saturating_add(bias)))
         }
         "AveragePool" => {
-            let kernel = product(
-                crate::onnx::attr::ints(node, "kernel_shape")?
-                    .iter()
-                    .map(|&k| k.max(0) as u64),
-            );
+            let window = crate::geometry::Window::of(node, None).ok()?;
+            let kernel = product(window.kernel.iter().map(|&k| k as u64));
             Some(out.saturating_mul(kernel))
         }
         "BatchNormalization" => Some(out.saturating_mul(2)),

@@ -9,8 +9,8 @@ use ndarray::Array1;
 use crate::affine::{AlgebraError, Geometry, Layout};
 use crate::constant::Constants;
 use crate::error::Error;
+use crate::geometry::Window;
 use crate::onnx::attr;
-use crate::onnx::proto::NodeProto;
 use crate::pattern::{Block, ChannelOp, Term};
 use crate::recipe::{Recipe, Source};
 use crate::tensor::{self, FloatType};
@@ -326,20 +326,15 @@ fn identity_check(ctx: &Context, what: &str) -> Result<(), FoldError> {
 fn avg_pool_layout(index: &Constants, n: usize, ctx: &Context) -> Result<Layout, FoldError> {
     let node = index.node(n);
     let name = node.name();
-    let Some(kernel) = attr::ints(node, "kernel_shape") else {
-        return skip(format!("AvgPool '{name}' has no kernel_shape"));
-    };
-    if kernel.iter().any(|&k| k < 1) {
-        return skip(format!("AvgPool '{name}' has kernel_shape {kernel:?}"));
-    }
-    let kernel: Vec<usize> = kernel.iter().map(|&k| k as usize).collect();
-    if attr::int(node, "ceil_mode").unwrap_or(0) != 0 {
+    let window =
+        Window::of(node, None).map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
+    if window.ceil_mode {
         return skip(format!("AvgPool '{name}' has ceil_mode=1"));
     }
-    let mut probe = vec![ctx.out_channels, 1];
-    probe.extend(&kernel);
-    let geometry = geometry(node, &probe, ctx.spatial)
+    let geometry = window
+        .geometry(ctx.spatial)
         .map_err(|r| FoldError::Skip(format!("AvgPool '{name}': {r}")))?;
+    let kernel = window.kernel;
     let padded = geometry
         .pads_begin
         .iter()
@@ -462,7 +457,8 @@ fn conv_layout(
             return Err(Error::tensor(b_name, reason).into());
         }
     }
-    let geometry = geometry(node, &dims, spatial)
+    let geometry = Window::of(node, Some(&dims[2..]))
+        .and_then(|w| w.geometry(spatial))
         .map_err(|r| FoldError::Skip(format!("Conv '{name}': {r}")))?;
     if out_channels % geometry.group != 0 || out_channels == 0 {
         return skip(format!(
@@ -502,95 +498,6 @@ fn not_constant(index: &Constants, value: &str) -> String {
             node.name()
         )
     }
-}
-
-/// Reads strides, dilations, pads (or auto_pad) and group of a Conv whose weight has `shape`.
-/// `spatial` is the input's static spatial size, if known (needed for `auto_pad=SAME_*` with
-/// strides).
-fn geometry(
-    node: &NodeProto,
-    shape: &[usize],
-    spatial: Option<&[usize]>,
-) -> Result<Geometry, String> {
-    let kernel = &shape[2..];
-    let rank = kernel.len();
-    let positive = |name: &str| -> Result<Vec<usize>, String> {
-        match attr::ints(node, name) {
-            None => Ok(vec![1; rank]),
-            Some(v) if v.len() == rank && v.iter().all(|&x| x >= 1) => {
-                Ok(v.iter().map(|&x| x as usize).collect())
-            }
-            Some(v) => Err(format!("{name} {v:?} do not fit a {rank}-D kernel")),
-        }
-    };
-    let strides = positive("strides")?;
-    let dilations = positive("dilations")?;
-    if let Some(ks) = attr::ints(node, "kernel_shape")
-        && (ks.len() != rank || ks.iter().zip(kernel).any(|(&a, &b)| a != b as i64))
-    {
-        return Err(format!(
-            "kernel_shape {ks:?} disagrees with the weight's {kernel:?}"
-        ));
-    }
-    let group = match attr::int(node, "group").unwrap_or(1) {
-        g if g >= 1 => g as usize,
-        g => return Err(format!("group {g} is not positive")),
-    };
-    let auto_pad = attr::string(node, "auto_pad").unwrap_or_default();
-    let (pads_begin, pads_end) = match auto_pad.as_str() {
-        "" | "NOTSET" => match attr::ints(node, "pads") {
-            None => (vec![0; rank], vec![0; rank]),
-            Some(p) if p.len() == 2 * rank && p.iter().all(|&x| x >= 0) => {
-                let p: Vec<usize> = p.iter().map(|&x| x as usize).collect();
-                (p[..rank].to_vec(), p[rank..].to_vec())
-            }
-            Some(p) => return Err(format!("pads {p:?} do not fit a {rank}-D kernel")),
-        },
-        "VALID" => (vec![0; rank], vec![0; rank]),
-        "SAME_UPPER" | "SAME_LOWER" => {
-            let extent = |a: usize| {
-                dilations[a]
-                    .checked_mul(kernel[a].saturating_sub(1))
-                    .and_then(|v| v.checked_add(1))
-                    .ok_or_else(|| format!("dilations {dilations:?} are too large"))
-            };
-            let total: Vec<usize> = if strides.iter().all(|&s| s == 1) {
-                (0..rank)
-                    .map(|a| extent(a).map(|e| e - 1))
-                    .collect::<Result<_, _>>()?
-            } else {
-                let Some(sizes) = spatial.filter(|s| s.len() == rank) else {
-                    return Err(format!(
-                        "auto_pad={auto_pad} with stride > 1 depends on the input size, \
-                         which is not static here"
-                    ));
-                };
-                (0..rank)
-                    .map(|a| {
-                        let out = sizes[a].div_ceil(strides[a]);
-                        let need = ((out.max(1) - 1) * strides[a]).checked_add(extent(a)?);
-                        need.map(|n| n.saturating_sub(sizes[a]))
-                            .ok_or_else(|| format!("dilations {dilations:?} are too large"))
-                    })
-                    .collect::<Result<_, _>>()?
-            };
-            let small: Vec<usize> = total.iter().map(|t| t / 2).collect();
-            let large: Vec<usize> = total.iter().zip(&small).map(|(t, s)| t - s).collect();
-            if auto_pad == "SAME_UPPER" {
-                (small, large)
-            } else {
-                (large, small)
-            }
-        }
-        other => return Err(format!("unknown auto_pad '{other}'")),
-    };
-    Ok(Geometry {
-        strides,
-        dilations,
-        pads_begin,
-        pads_end,
-        group,
-    })
 }
 
 /// Whether BatchNormalization node `i` was exported in training mode: `training_mode=1`

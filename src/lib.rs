@@ -22,6 +22,7 @@ pub mod cost;
 pub mod dot;
 pub mod error;
 pub mod fold;
+pub mod geometry;
 pub mod graph;
 pub mod memory;
 pub mod naming;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::constant::Constants;
-use crate::onnx::attr;
+use crate::geometry::Window;
 use crate::pattern::{Block, Term};
 
 /// A block as a reader of the training structure sees it.
@@ -70,16 +70,15 @@ pub fn describe(index: &Constants, block: &Block, name: String) -> BlockInfo {
         int8: None,
     };
     if let Some(&conv) = block.convs().first() {
-        let node = index.node(conv);
         let dims = weight_dims(index, conv);
-        if dims.len() > 2 {
-            let groups = attr::int(node, "group").unwrap_or(1).max(1) as usize;
-            info.groups = groups;
+        if let Some(window) = dims
+            .get(2..)
+            .and_then(|kernel| Window::of(index.node(conv), Some(kernel)).ok())
+        {
+            info.groups = window.group;
             info.out_channels = dims[0];
-            info.in_channels = dims[1].saturating_mul(groups);
-            info.stride = attr::ints(node, "strides")
-                .map(|s| s.iter().map(|&v| v.max(0) as usize).collect())
-                .unwrap_or_else(|| vec![1; dims.len() - 2]);
+            info.in_channels = dims[1].saturating_mul(window.group);
+            info.stride = window.strides;
         }
     }
     let mut top = &block.term;
@@ -102,6 +101,12 @@ fn weight_dims(index: &Constants, conv: usize) -> Vec<usize> {
         .and_then(|w| index.declared_tensor(w))
         .map(|w| w.dims.iter().map(|&d| d.max(0) as usize).collect())
         .unwrap_or_default()
+}
+
+/// `3x3`, `2x1x1`.
+fn axes(values: &[usize]) -> String {
+    let text: Vec<String> = values.iter().map(usize::to_string).collect();
+    text.join("x")
 }
 
 /// Flattens nested sums into one list of summand labels.
@@ -133,30 +138,24 @@ fn branch_label(index: &Constants, block: &Block, term: &Term) -> String {
         Term::Conv(n) => {
             let dims = weight_dims(index, *n);
             let kernel = dims.get(2..).unwrap_or(&[]);
-            let mut label = if kernel.is_empty() {
-                "conv".to_string()
-            } else {
-                kernel
-                    .iter()
-                    .map(usize::to_string)
-                    .collect::<Vec<_>>()
-                    .join("x")
+            let mut label = match kernel.is_empty() {
+                true => "conv".to_string(),
+                false => axes(kernel),
             };
-            if let Some(d) =
-                attr::ints(index.node(*n), "dilations").filter(|d| d.iter().any(|&v| v > 1))
+            let window = Window::of(index.node(*n), Some(kernel)).ok();
+            if let Some(d) = window
+                .map(|w| w.dilations)
+                .filter(|d| d.iter().any(|&v| v > 1))
             {
-                label += &format!(
-                    " d{}",
-                    d.iter().map(i64::to_string).collect::<Vec<_>>().join("x")
-                );
+                label += &format!(" d{}", axes(&d));
             }
             label
         }
         Term::AvgPool(n) => {
-            let k = attr::ints(index.node(*n), "kernel_shape").unwrap_or(&[]);
+            let window = Window::of(index.node(*n), None).ok();
             format!(
                 "avgpool {}",
-                k.iter().map(i64::to_string).collect::<Vec<_>>().join("x")
+                axes(&window.map(|w| w.kernel).unwrap_or_default())
             )
         }
         Term::Channel { inner, .. } => branch_label(index, block, inner),

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use crate::constant::broadcast_shape as broadcast;
+use crate::geometry::Window;
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
 use crate::onnx::proto::{NodeProto, tensor_shape_proto, type_proto};
@@ -116,18 +117,11 @@ impl Shapes {
             "Conv" => {
                 let x = input(0)?;
                 let w = input(1)?;
-                let mut out = window(node, &x, w.get(2..)?)?;
+                let mut out = window(node, &x, Some(w.get(2..)?))?;
                 out[1] = w[0];
                 Some(out)
             }
-            "MaxPool" | "AveragePool" | "LpPool" => {
-                let x = input(0)?;
-                let kernel: Vec<usize> = attr::ints(node, "kernel_shape")?
-                    .iter()
-                    .map(|&k| usize::try_from(k).ok())
-                    .collect::<Option<_>>()?;
-                window(node, &x, &kernel)
-            }
+            "MaxPool" | "AveragePool" | "LpPool" => window(node, &input(0)?, None),
             "GlobalAveragePool" | "GlobalMaxPool" => {
                 let x = input(0)?;
                 Some(
@@ -209,49 +203,12 @@ fn input_shape(
         .collect()
 }
 
-/// The output shape of a sliding window (Conv, pooling) over `x` with `kernel`.
-fn window(node: &NodeProto, x: &[usize], kernel: &[usize]) -> Option<Vec<usize>> {
-    let rank = kernel.len();
-    if x.len() != rank + 2 {
-        return None;
-    }
-    let ints = |name: &str, default: usize, len: usize| -> Option<Vec<usize>> {
-        match attr::ints(node, name) {
-            Some(v) => v.iter().map(|&d| usize::try_from(d).ok()).collect(),
-            None => Some(vec![default; len]),
-        }
-    };
-    let strides = ints("strides", 1, rank)?;
-    let dilations = ints("dilations", 1, rank)?;
-    let pads = ints("pads", 0, 2 * rank)?;
-    if strides.len() != rank || dilations.len() != rank || pads.len() != 2 * rank {
-        return None;
-    }
-    let ceil = attr::int(node, "ceil_mode").unwrap_or(0) != 0;
-    let auto_pad = attr::string(node, "auto_pad").unwrap_or_default();
-    let mut out = x[..2].to_vec();
-    for a in 0..rank {
-        let (size, stride) = (x[a + 2], strides[a].max(1));
-        // Hostile attributes (huge dilations or pads) leave the shape unknown, never overflow.
-        let extent = dilations[a]
-            .checked_mul(kernel[a].checked_sub(1)?)?
-            .checked_add(1)?;
-        let d = match auto_pad.as_str() {
-            "SAME_UPPER" | "SAME_LOWER" => size.div_ceil(stride),
-            "VALID" => size.checked_sub(extent)? / stride + 1,
-            _ => {
-                let span = size
-                    .checked_add(pads[a])?
-                    .checked_add(pads[a + rank])?
-                    .checked_sub(extent)?;
-                match ceil {
-                    true => span.div_ceil(stride) + 1,
-                    false => span / stride + 1,
-                }
-            }
-        };
-        out.push(d);
-    }
+/// The output shape of a sliding window (Conv with a weight of spatial extent `kernel`, or
+/// pooling) over `x`.
+fn window(node: &NodeProto, x: &[usize], kernel: Option<&[usize]>) -> Option<Vec<usize>> {
+    let window = Window::of(node, kernel).ok()?;
+    let mut out = x.get(..2)?.to_vec();
+    out.extend(window.output_size(x.get(2..)?)?);
     Some(out)
 }
 
@@ -264,31 +221,5 @@ mod tests {
         assert_eq!(broadcast(&[1, 8, 4, 4], &[8, 1, 1]), Some(vec![1, 8, 4, 4]));
         assert_eq!(broadcast(&[], &[3]), Some(vec![3]));
         assert_eq!(broadcast(&[2, 3], &[4, 3]), None);
-    }
-
-    #[test]
-    fn windows_count_pads_strides_and_dilations() {
-        let conv = |attrs: Vec<crate::onnx::proto::AttributeProto>| NodeProto {
-            op_type: Some("Conv".into()),
-            attribute: attrs,
-            ..Default::default()
-        };
-        let stride2 = conv(vec![
-            attr::new_ints("strides", [2, 2]),
-            attr::new_ints("pads", [1, 1, 1, 1]),
-        ]);
-        assert_eq!(
-            window(&stride2, &[1, 3, 224, 224], &[3, 3]),
-            Some(vec![1, 3, 112, 112])
-        );
-        let dilated = conv(vec![
-            attr::new_ints("dilations", [2, 2]),
-            attr::new_ints("pads", [2, 2, 2, 2]),
-        ]);
-        assert_eq!(
-            window(&dilated, &[1, 3, 7, 9], &[3, 3]),
-            Some(vec![1, 3, 7, 9])
-        );
-        assert_eq!(window(&conv(vec![]), &[1, 3, 2, 2], &[3, 3]), None);
     }
 }
