@@ -40,9 +40,9 @@ pub fn draw(index: &Constants, analysis: &Analysis, only: Option<&str>) -> Resul
     let mut picture = Picture::default();
     let blocks = analysis.blocks();
     if let Some(name) = only
-        && !blocks.iter().any(|b| b.name == name)
+        && !blocks.iter().any(|(_, b, _)| *b == name)
     {
-        let known: Vec<&str> = blocks.iter().map(|b| b.name.as_str()).collect();
+        let known: Vec<&str> = blocks.iter().map(|(_, b, _)| *b).collect();
         return Err(Error::Graph(format!(
             "no block named '{name}' (blocks: {})",
             known.join(", ")
@@ -95,15 +95,9 @@ impl Picture {
         // Which block each node belongs to, and the block's colour.
         let mut member: HashMap<usize, (usize, bool)> = HashMap::new();
         let mut fused_roots: HashMap<usize, usize> = HashMap::new();
-        let mut all: Vec<(&crate::pattern::Block, &crate::report::BlockInfo, bool)> = analysis
-            .plans
-            .iter()
-            .map(|p| (&p.block, &p.info, true))
-            .chain(analysis.skipped.iter().map(|s| (&s.block, &s.info, false)))
-            .collect();
-        all.sort_by_key(|(b, _, _)| b.root);
-        for (k, (block, info, fused)) in all.iter().enumerate() {
-            if only.is_some_and(|n| n != info.name) {
+        let all = analysis.blocks();
+        for (k, (block, name, fused)) in all.iter().enumerate() {
+            if only.is_some_and(|n| n != *name) {
                 continue;
             }
             for n in block.nodes() {
@@ -152,7 +146,7 @@ impl Picture {
                             .collect::<Vec<_>>()
                             .join("x")
                     });
-                    let name = plan.map_or("", |p| p.info.name.as_str());
+                    let name = plan.map_or("", |p| p.name.as_str());
                     Shape {
                         label: format!("Conv {kernel}\n{name} (fused)"),
                         style: format!(
@@ -223,10 +217,7 @@ impl Picture {
         }
         // One block: its output value below it.
         if only.is_some() {
-            for (block, _, _) in all
-                .iter()
-                .filter(|(_, info, _)| only == Some(info.name.as_str()))
-            {
+            for (block, _, _) in all.iter().filter(|(_, name, _)| only == Some(*name)) {
                 if let Some(&root) = drawn.get(&block.root) {
                     let value = self.graph.add_node(Shape {
                         label: block.output(index).to_string(),

@@ -22,8 +22,10 @@ pub mod cost;
 pub mod dot;
 pub mod error;
 pub mod fold;
+mod fuse;
 pub mod geometry;
 pub mod graph;
+mod inspect;
 pub mod memory;
 pub mod naming;
 pub mod onnx;
@@ -39,20 +41,19 @@ pub mod shapes;
 pub mod simd;
 pub mod tensor;
 pub mod verify;
+pub mod writer;
 
 use std::path::Path;
-use std::time::Instant;
 
 pub use error::{Error, Result};
 pub use report::{BlockInfo, FuseReport, InspectReport};
 
 use bytes::Bytes;
 use constant::Constants;
+use fuse::fuse;
 use graph::GraphIndex;
 use onnx::Model;
-use onnx::output::Check;
-use onnx::splice::{self, DataLayout, PROTOBUF_LIMIT};
-use producer::Producer;
+use writer::Target;
 
 /// What may be folded, and how it is checked.
 #[derive(Debug, Clone, Copy)]
@@ -179,246 +180,7 @@ pub fn inspect_model(bytes: &[u8], options: Options) -> Result<InspectReport> {
         allow_training_bn: options.allow_training_bn,
         ..InspectOptions::default()
     };
-    inspect(&model, &options).map_err(|e| e.in_file(name))
-}
-
-/// Where a fusion's output goes.
-enum Target<'a> {
-    /// A file, written atomically, with a sidecar when needed; never over `protected`.
-    File {
-        output: &'a Path,
-        protected: Vec<std::path::PathBuf>,
-    },
-    /// Memory: the whole model inline (so at most 2 GiB).
-    Memory(&'a mut Vec<u8>),
-    /// Nowhere: a dry run that still folds and verifies every block.
-    Discard,
-}
-
-fn fuse(
-    model: &Model,
-    target: Target,
-    options: Options,
-    progress: &(dyn Fn(usize, usize) + Sync),
-) -> Result<FuseReport> {
-    let start = Instant::now();
-    let graph = GraphIndex::new(model)?;
-    let index = Constants::new(&graph);
-    let analysis = plan::analyse(&index, options.fold())?;
-    if let Some(training) = analysis.skipped_of(plan::SkipKind::Training).next() {
-        return Err(Error::Training {
-            block: training.info.name.clone(),
-            reason: training.info.reason.clone().unwrap_or_default(),
-        });
-    }
-    let unfoldable: Vec<BlockInfo> = analysis
-        .skipped_of(plan::SkipKind::Unfoldable)
-        .map(|s| s.info.clone())
-        .collect();
-    if options.strict && !unfoldable.is_empty() {
-        let named = unfoldable.iter().map(|b| {
-            let reason = b.reason.clone().unwrap_or_default();
-            (b.name.clone(), reason)
-        });
-        return Err(Error::NotFused(named.collect()));
-    }
-    let patch = rewrite::build(&index, &analysis.plans);
-    let output = match &target {
-        Target::File { output, .. } => Some(*output),
-        _ => None,
-    };
-    let (sidecar_path, location) = match output {
-        Some(output) => onnx::output::sidecar_for(output)?,
-        None => Default::default(),
-    };
-    let mut layout = if model.has_external_data() {
-        DataLayout::Sidecar {
-            location: location.clone(),
-            move_inline: false,
-        }
-    } else {
-        DataLayout::Inline
-    };
-    let mut planned = splice::plan(model, &patch, &layout)?;
-    if planned.model_len > PROTOBUF_LIMIT {
-        layout = DataLayout::Sidecar {
-            location,
-            move_inline: true,
-        };
-        planned = splice::plan(model, &patch, &layout)?;
-    }
-    let in_memory = match &target {
-        Target::Memory(_) => planned.model_len as u64,
-        _ => 0,
-    };
-    memory::check(
-        memory::BASELINE + plan::working_memory(&index, &analysis.plans) + in_memory,
-        "fusing this model",
-    )?;
-    let mut fused: Vec<BlockInfo> = analysis.plans.iter().map(|p| p.info.clone()).collect();
-    let order = planned.block_order(&patch);
-    // Each block is checked on a thread of its own: the original is evaluated while the block is
-    // folded (its input pages are in use anyway), the fused Conv once the block is written (one
-    // block behind at most). The output is renamed into place only after every check.
-    let checks = |receive: std::sync::mpsc::Receiver<(usize, plan::Produced)>| {
-        let mut deviations = Vec::new();
-        for &p in &order {
-            let plan = &analysis.plans[p];
-            let node = &patch.replaced[&plan.block.root];
-            let expected = verify::reference(&index, plan, node);
-            // The writer hung up: it stopped on an error, which is the one to report.
-            let Ok((written, produced)) = receive.recv() else {
-                break;
-            };
-            plan.release_pages(&index);
-            if written != p {
-                return Err(Error::Graph("the blocks were checked out of order".into()));
-            }
-            let rows = verify::Values::Stored(&produced.sampled_bytes, produced.dtype);
-            let bias = produced.bias()?;
-            let deviation =
-                verify::compare(&expected?, plan, node, rows, &bias, options.tolerance)?;
-            deviations.push((p, deviation));
-        }
-        Ok(deviations)
-    };
-    let mut deviations = Vec::new();
-    let mut write = |model_sink: &mut splice::Sink, sidecar_sink: Option<&mut splice::Sink>| {
-        std::thread::scope(|scope| -> Result<()> {
-            let (send, receive) = std::sync::mpsc::sync_channel::<(usize, plan::Produced)>(1);
-            let checker = options.verify.then(|| {
-                scope.spawn(move || {
-                    producer::yield_to_writer();
-                    checks(receive)
-                })
-            });
-            let written = Producer::run(&index, &analysis.plans, order.clone(), |producer| {
-                let mut produce =
-                    |p: usize, write: &mut dyn FnMut(&[u8]) -> Result<()>| -> Result<Vec<Bytes>> {
-                        let plan = &analysis.plans[p];
-                        let sample = match options.verify {
-                            true => verify::sample(plan),
-                            false => Vec::new(),
-                        };
-                        let produced = producer.write_block(p, write, &sample)?;
-                        fused[p].rounding_error = produced.rounding;
-                        let bias = produced.bias.clone();
-                        match options.verify {
-                            true => {
-                                if send.send((p, produced)).is_err() {
-                                    // The checker stopped on a failed check: its error is the one
-                                    // to report.
-                                    return Err(Error::Graph("a block failed its check".into()));
-                                }
-                            }
-                            false => plan.release_pages(&index),
-                        }
-                        progress(p + 1, analysis.plans.len());
-                        Ok(vec![bias])
-                    };
-                splice::write(
-                    &planned,
-                    model,
-                    &patch,
-                    model_sink,
-                    sidecar_sink,
-                    &mut produce,
-                )
-            });
-            drop(send);
-            if let Some(checker) = checker {
-                let checked = checker
-                    .join()
-                    .map_err(|_| Error::Graph("the check of a block panicked".into()))?;
-                deviations = checked?;
-            }
-            written
-        })
-    };
-    match target {
-        Target::File { output, protected } => {
-            let sidecar = planned.sidecar_len.map(|_| sidecar_path.as_path());
-            if let Some(path) = sidecar {
-                onnx::output::check_output(path, &protected)?;
-            }
-            let model = onnx::output::Planned {
-                path: output,
-                len: planned.model_len,
-            };
-            let sidecar = sidecar
-                .zip(planned.sidecar_len)
-                .map(|(path, len)| onnx::output::Planned { path, len });
-            onnx::output::write_with(model, sidecar, options.sync, Check::Model, write)?;
-        }
-        Target::Memory(out) => {
-            if planned.sidecar_len.is_some() {
-                return Err(Error::Graph(
-                    "the fused model needs external data (over 2 GiB): write it to a file".into(),
-                ));
-            }
-            let mut sink = splice::Sink::Memory(std::mem::take(out));
-            write(&mut sink, None)?;
-            if let splice::Sink::Memory(bytes) = sink {
-                // The same invariant as a file's, on the bytes handed back.
-                let bytes = Bytes::from(bytes);
-                onnx::audit::audit(bytes.clone(), None).map_err(Error::Internal)?;
-                *out = Vec::from(bytes);
-            }
-        }
-        Target::Discard => write(&mut splice::Sink::Discard, Some(&mut splice::Sink::Discard))?,
-    }
-    for (p, deviation) in deviations {
-        fused[p].deviation = Some(deviation);
-    }
-
-    let elements =
-        |t: &onnx::proto::TensorProto| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>();
-    // Parameters: the elements of the main graph's constant tensors, initializers and
-    // `Constant` nodes alike.
-    let constant_node = |n: usize| constant_elements(&model.nodes[n]);
-    let params_before: u64 = model.initializers.iter().map(elements).sum::<u64>()
-        + (0..model.nodes.len()).map(constant_node).sum::<u64>();
-    let params_removed: u64 = patch
-        .removed_initializers
-        .iter()
-        .map(|&i| elements(&model.initializers[i]))
-        .sum::<u64>()
-        + patch
-            .removed_nodes
-            .iter()
-            .map(|&n| constant_node(n))
-            .sum::<u64>();
-    let params_added: u64 = patch
-        .new_tensors
-        .iter()
-        .map(|t| t.dims.iter().product::<usize>() as u64)
-        .sum();
-    Ok(FuseReport {
-        fused,
-        skipped: unfoldable,
-        not_blocks: analysis
-            .skipped_of(plan::SkipKind::NotABlock)
-            .map(|s| s.info.clone())
-            .collect(),
-        nodes_before: model.nodes.len(),
-        nodes_after: model.nodes.len() - patch.removed_nodes.len(),
-        params_before,
-        params_after: params_before - params_removed + params_added,
-        training_bn_folded: plan::training_bns(&index, &analysis.plans),
-        elapsed: start.elapsed(),
-    })
-}
-
-/// The elements a `Constant` node holds (0 for any other node).
-fn constant_elements(node: &onnx::proto::NodeProto) -> u64 {
-    if node.op_type() != "Constant" || !graph::is_default_domain(node) {
-        return 0;
-    }
-    let a = node.attribute.first();
-    let tensor = a.and_then(|a| a.t.as_ref());
-    let dims = tensor.map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>());
-    let listed = a.map_or(0, |a| (a.floats.len() + a.ints.len()).max(1) as u64);
-    dims.unwrap_or(listed)
+    inspect::inspect(&model, &options).map_err(|e| e.in_file(name))
 }
 
 /// Graphviz DOT of `input`'s structure before and after fusion, or of the block named `block`.
@@ -445,8 +207,7 @@ pub struct InspectOptions {
     pub int8: bool,
 }
 
-/// Spatial size assumed where the model's input size is symbolic and none is stated.
-pub const DEFAULT_INPUT_SIZE: usize = 224;
+pub use inspect::DEFAULT_INPUT_SIZE;
 
 /// Finds every block of `input` and tells whether (and why not) each can be folded.
 pub fn inspect_file(input: &Path, options: Options) -> Result<InspectReport> {
@@ -460,60 +221,5 @@ pub fn inspect_file(input: &Path, options: Options) -> Result<InspectReport> {
 /// [`inspect_file`] with costs at a stated input size and, on request, INT8 statistics.
 pub fn inspect_file_with(input: &Path, options: &InspectOptions) -> Result<InspectReport> {
     let model = Model::open(input)?;
-    inspect(&model, options).map_err(|e| e.in_file(input))
-}
-
-fn inspect(model: &Model, options: &InspectOptions) -> Result<InspectReport> {
-    let graph = GraphIndex::new(model)?;
-    let index = Constants::new(&graph);
-    let fold = fold::FoldOptions {
-        allow_training_bn: options.allow_training_bn,
-    };
-    let mut analysis = plan::analyse(&index, fold)?;
-    let mut shapes = shapes::Shapes::infer(&index, options.input_size.as_deref());
-    let symbolic = shapes.input.as_ref().is_none_or(|s| s.len() < 3);
-    if options.input_size.is_none() && symbolic {
-        let default = [DEFAULT_INPUT_SIZE];
-        shapes = shapes::Shapes::infer(&index, Some(&default));
-    }
-    if options.int8 {
-        let largest = analysis
-            .plans
-            .iter()
-            .map(|p| p.layout.weight_dims().iter().product::<usize>() as u64 * 8)
-            .max()
-            .unwrap_or(0);
-        memory::check(
-            memory::BASELINE + plan::working_memory(&index, &analysis.plans) + largest,
-            "computing the INT8 statistics of this model",
-        )?;
-    }
-    for plan in &mut analysis.plans {
-        plan.info.cost = Some(cost::of_block(
-            &index,
-            &plan.block,
-            Some(&plan.layout),
-            &shapes,
-        ));
-        if options.int8 {
-            let mut weights = Vec::with_capacity(plan.layout.weight_dims().iter().product());
-            plan.write_tensors(
-                &index,
-                &mut |bytes| {
-                    tensor::decode_into(bytes, plan.dtype, &mut weights);
-                    Ok(())
-                },
-                &[],
-            )?;
-            plan.info.int8 = Some(quant::Int8Stats::of(&weights, plan.layout.out_channels));
-            model.release_pages();
-        }
-    }
-    for skipped in &mut analysis.skipped {
-        skipped.info.cost = Some(cost::of_block(&index, &skipped.block, None, &shapes));
-    }
-    Ok(InspectReport {
-        blocks: analysis.blocks(),
-        input_shape: shapes.input.clone(),
-    })
+    inspect::inspect(&model, options).map_err(|e| e.in_file(input))
 }

@@ -5,7 +5,9 @@
 //!
 //! `ONNX_REPVGG_MEMORY_LIMIT` (bytes, or with a K/M/G suffix) sets the available memory by hand.
 
+use crate::constant::Constants;
 use crate::error::{Error, Result};
+use crate::plan::BlockPlan;
 
 /// Memory a run needs whatever the model: code, index, buffers.
 pub const BASELINE: u64 = 32 << 20;
@@ -37,6 +39,41 @@ pub fn check(need: u64, what: &str) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// Memory folding the plans takes beyond the mapped files, for the hungriest block (blocks are
+/// written one at a time, and checked one behind): the encoded chunks in flight (those folded
+/// ahead of the writer and those being folded), each worker's row buffers (at most a row each),
+/// the sampled rows of up to three blocks as written (the check decodes one row at a time) and,
+/// for tensors stored as typed fields rather than raw bytes, their values decoded whole.
+pub fn working_memory(index: &Constants, plans: &[BlockPlan]) -> u64 {
+    let threads = crate::producer::workers() as u64;
+    let block = |p: &BlockPlan| {
+        let row = p.layout.weight_dims()[1..].iter().product::<usize>() as u64;
+        let chunk = row.max(crate::producer::CHUNK_ELEMENTS as u64) * p.dtype.size() as u64;
+        let in_flight = (crate::producer::AHEAD_PER_WORKER as u64 + 1) * threads * chunk;
+        let rows = threads * 2 * row * 8;
+        let sampled =
+            crate::verify::sample(&p.layout, &p.name).len() as u64 * row * p.dtype.size() as u64;
+        let checked = 3 * sampled + row * 8;
+        let typed = p
+            .block
+            .nodes()
+            .iter()
+            .flat_map(|&n| &index.node(n).input)
+            .filter_map(|v| index.declared_tensor(v))
+            .filter(|t| t.raw_data.is_none() && !crate::onnx::external::is_external(t))
+            .map(|t| {
+                t.dims
+                    .iter()
+                    .fold(8u64, |n, &d| n.saturating_mul(d.max(0) as u64))
+            })
+            .fold(0u64, u64::saturating_add);
+        [in_flight, rows, checked, typed]
+            .into_iter()
+            .fold(0u64, u64::saturating_add)
+    };
+    plans.iter().map(block).max().unwrap_or(0)
 }
 
 /// `123`, `64K`, `512M`, `2G` (powers of 1024).

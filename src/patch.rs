@@ -52,9 +52,14 @@ pub struct NewTensor {
 }
 
 impl NewTensor {
+    /// Its number of elements.
+    pub fn elements(&self) -> usize {
+        self.dims.iter().product()
+    }
+
     /// Bytes of its data.
     pub fn data_len(&self) -> usize {
-        self.dims.iter().product::<usize>() * self.dtype.size()
+        self.elements() * self.dtype.size()
     }
 
     /// The initializer without its data.

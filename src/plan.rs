@@ -1,5 +1,7 @@
-//! Match → plan: every candidate block either becomes a [`BlockPlan`] (its fold computed, its
-//! names chosen) or a skipped [`BlockInfo`] with the reason. Read-only.
+//! Match → plan: every tree the finder reports either becomes a [`BlockPlan`] (the fused Conv's
+//! shape known, its names chosen; its numbers are computed only when written) or a [`Skipped`]
+//! block with the kind and the reason. Read-only; what is printed about them is assembled later,
+//! from the plans and what writing them found (`report`).
 
 use crate::affine::Layout;
 use crate::constant::Constants;
@@ -7,17 +9,15 @@ use crate::error::Result;
 use crate::fold::{self, FoldError, FoldOptions};
 use crate::naming::{self, NamePool};
 use crate::pattern::{self, Block, Refusal};
-use crate::producer::{self, Producer};
-use crate::report::{self, BlockInfo};
 use crate::shapes::Shapes;
-use crate::tensor::{self, FloatType};
+use crate::tensor::FloatType;
 
-/// A block ready to be replaced by one Conv: its shape is known, its numbers are computed when
-/// the output is written ([`BlockPlan::write_tensors`]).
+/// A block ready to be replaced by one Conv.
 #[derive(Debug, Clone)]
 pub struct BlockPlan {
     pub block: Block,
-    pub info: BlockInfo,
+    /// Module path (`stage1.0`) or the sum node's name.
+    pub name: String,
     /// The fused Conv's shape and geometry.
     pub layout: Layout,
     /// The fused weights' element type (that of the first Conv's weight).
@@ -29,6 +29,24 @@ pub struct BlockPlan {
     pub options: FoldOptions,
     /// Name of the new Conv node; its weight and bias are `{node_name}.weight` / `.bias`.
     pub node_name: String,
+}
+
+impl BlockPlan {
+    /// The input size the fold holds for only, if any.
+    pub fn sized_for(&self) -> Option<&[usize]> {
+        self.spatial.as_deref().filter(|_| self.sized)
+    }
+
+    /// What the numerical check of this block is of.
+    pub fn subject(&self) -> crate::verify::Subject<'_> {
+        crate::verify::Subject {
+            name: &self.name,
+            block: &self.block,
+            layout: &self.layout,
+            dtype: self.dtype,
+            sized: self.sized_for(),
+        }
+    }
 }
 
 /// Why a block found was not planned.
@@ -47,29 +65,30 @@ pub enum SkipKind {
 #[derive(Debug, Clone)]
 pub struct Skipped {
     pub block: Block,
-    pub info: BlockInfo,
+    pub name: String,
     pub kind: SkipKind,
+    pub reason: String,
 }
 
-/// Everything the analysis decided.
+/// Everything the analysis decided, in graph order.
 #[derive(Debug, Clone, Default)]
 pub struct Analysis {
     pub plans: Vec<BlockPlan>,
-    /// Blocks found but not planned, with the reason, in graph order.
     pub skipped: Vec<Skipped>,
 }
 
 impl Analysis {
-    /// All blocks found, fused or not, in graph order.
-    pub fn blocks(&self) -> Vec<BlockInfo> {
-        let mut all: Vec<(usize, BlockInfo)> = self
-            .plans
+    /// Every block found, planned or skipped, in graph order: its tree, its name and whether it
+    /// is planned.
+    pub fn blocks(&self) -> Vec<(&Block, &str, bool)> {
+        let planned = self.plans.iter().map(|p| (&p.block, p.name.as_str(), true));
+        let skipped = self
+            .skipped
             .iter()
-            .map(|p| (p.block.root, p.info.clone()))
-            .collect();
-        all.extend(self.skipped.iter().map(|s| (s.block.root, s.info.clone())));
-        all.sort_by_key(|(root, _)| *root);
-        all.into_iter().map(|(_, info)| info).collect()
+            .map(|s| (&s.block, s.name.as_str(), false));
+        let mut all: Vec<_> = planned.chain(skipped).collect();
+        all.sort_by_key(|(block, _, _)| block.root);
+        all
     }
 
     /// The skipped blocks of `kind`.
@@ -78,7 +97,7 @@ impl Analysis {
     }
 }
 
-/// Finds and folds every block of the graph.
+/// Finds every block of the graph and plans each one that folds.
 pub fn analyse(index: &Constants, options: FoldOptions) -> Result<Analysis> {
     let mut analysis = Analysis::default();
     let mut pool = NamePool::new(index);
@@ -90,7 +109,7 @@ pub fn analyse(index: &Constants, options: FoldOptions) -> Result<Analysis> {
         let spatial = shapes
             .get(index, &block.input)
             .and_then(|s| s.get(2..).map(<[usize]>::to_vec));
-        let mut info = report::describe(index, &block, naming::block_name(index, &block));
+        let name = naming::block_name(index, &block);
         let outcome = match candidate.refusal {
             Some(Refusal::NotABlock(reason)) => Err((SkipKind::NotABlock, reason)),
             Some(Refusal::Blocked(reason)) => Err((SkipKind::Unfoldable, reason)),
@@ -103,14 +122,10 @@ pub fn analyse(index: &Constants, options: FoldOptions) -> Result<Analysis> {
         };
         match outcome {
             Ok(planned) => {
-                let node_name =
-                    pool.claim(&format!("{}.rbr_reparam", info.name), &[".weight", ".bias"]);
-                if planned.sized {
-                    info.sized_for = spatial.clone();
-                }
+                let node_name = pool.claim(&format!("{name}.rbr_reparam"), &[".weight", ".bias"]);
                 analysis.plans.push(BlockPlan {
                     block,
-                    info,
+                    name,
                     layout: planned.layout,
                     dtype: planned.dtype,
                     spatial,
@@ -119,117 +134,15 @@ pub fn analyse(index: &Constants, options: FoldOptions) -> Result<Analysis> {
                     node_name,
                 });
             }
-            Err((kind, reason)) => {
-                info.reason = Some(reason);
-                analysis.skipped.push(Skipped { block, info, kind });
-            }
+            Err((kind, reason)) => analysis.skipped.push(Skipped {
+                block,
+                name,
+                kind,
+                reason,
+            }),
         }
     }
     Ok(analysis)
-}
-
-/// What writing a block's fused tensors leaves to check and report.
-#[derive(Debug, Clone)]
-pub struct Produced {
-    /// The encoded bias.
-    pub bias: bytes::Bytes,
-    /// The written weight rows of the requested output channels, in request order, as written
-    /// (decoded by [`Produced::sampled`], off the writer's thread).
-    pub sampled_bytes: Vec<u8>,
-    /// Their dims (the weight's, with the request's length first) and element type.
-    pub sampled_dims: Vec<usize>,
-    pub dtype: FloatType,
-    /// For half-precision weights: the largest change rounding the f64 fold to that type made,
-    /// relative to the largest weight.
-    pub rounding: Option<f64>,
-}
-
-impl Produced {
-    /// The written rows of the requested output channels, decoded.
-    pub fn sampled(&self) -> Result<ndarray::ArrayD<f64>> {
-        let values = tensor::decode(&self.sampled_bytes, self.dtype);
-        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&self.sampled_dims), values)
-            .map_err(|e| crate::Error::Graph(format!("sampled rows: {e}")))
-    }
-
-    /// The bias, decoded.
-    pub fn bias(&self) -> Result<ndarray::ArrayD<f64>> {
-        let values = tensor::decode(&self.bias, self.dtype);
-        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[values.len()]), values)
-            .map_err(|e| crate::Error::Graph(format!("bias: {e}")))
-    }
-}
-
-/// Tensors smaller than this keep their pages (see [`BlockPlan::release_pages`]).
-const RELEASE_AT_LEAST: usize = 1 << 16;
-
-impl BlockPlan {
-    /// Folds the block in chunks of output channels and hands each chunk of the encoded weight
-    /// to `write` (so even the largest block never sits in memory whole); returns the encoded
-    /// bias and the written rows `sample` asks for. (To fold many blocks, see [`Producer`].)
-    pub fn write_tensors(
-        &self,
-        index: &Constants,
-        write: &mut dyn FnMut(&[u8]) -> Result<()>,
-        sample: &[usize],
-    ) -> Result<Produced> {
-        Producer::run(index, std::slice::from_ref(self), vec![0], |producer| {
-            producer.write_block(0, write, sample)
-        })
-    }
-
-    /// Lets go of the input's mapped pages under the data of the tensors the block reads (they
-    /// stay in the page cache).
-    pub fn release_pages(&self, index: &Constants) {
-        let tensors = self
-            .block
-            .nodes()
-            .into_iter()
-            .flat_map(|n| &index.node(n).input)
-            .filter_map(|v| index.declared_tensor(v));
-        // Small tensors share pages with others and are not worth a call (each one interrupts
-        // the other cores to flush their TLBs).
-        for t in tensors {
-            match tensor::stored(t, &index.model.external) {
-                Some(bytes) if bytes.len() >= RELEASE_AT_LEAST => index.model.release(&bytes),
-                _ => {}
-            }
-        }
-    }
-}
-
-/// Memory folding the plans takes beyond the mapped files, for the hungriest block (blocks are
-/// written one at a time, and checked one behind): the encoded chunks in flight (those folded
-/// ahead of the writer and those being folded), each worker's row buffers (at most a row each),
-/// the sampled rows of up to three blocks as written (the check decodes one row at a time) and,
-/// for tensors stored as typed fields rather than raw bytes, their values decoded whole.
-pub fn working_memory(index: &Constants, plans: &[BlockPlan]) -> u64 {
-    let threads = producer::workers() as u64;
-    let block = |p: &BlockPlan| {
-        let row = p.layout.weight_dims()[1..].iter().product::<usize>() as u64;
-        let chunk = row.max(producer::CHUNK_ELEMENTS as u64) * p.dtype.size() as u64;
-        let in_flight = (producer::AHEAD_PER_WORKER as u64 + 1) * threads * chunk;
-        let rows = threads * 2 * row * 8;
-        let sampled = crate::verify::sample(p).len() as u64 * row * p.dtype.size() as u64;
-        let checked = 3 * sampled + row * 8;
-        let typed = p
-            .block
-            .nodes()
-            .iter()
-            .flat_map(|&n| &index.node(n).input)
-            .filter_map(|v| index.declared_tensor(v))
-            .filter(|t| t.raw_data.is_none() && !crate::onnx::external::is_external(t))
-            .map(|t| {
-                t.dims
-                    .iter()
-                    .fold(8u64, |n, &d| n.saturating_mul(d.max(0) as u64))
-            })
-            .fold(0u64, u64::saturating_add);
-        [in_flight, rows, checked, typed]
-            .into_iter()
-            .fold(0u64, u64::saturating_add)
-    };
-    plans.iter().map(block).max().unwrap_or(0)
 }
 
 /// BatchNormalization nodes in training mode among the planned blocks.

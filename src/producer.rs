@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use crate::constant::Constants;
 use crate::error::{Error, Result};
 use crate::fold::{self, FoldError};
-use crate::plan::{BlockPlan, Produced};
+use crate::plan::BlockPlan;
 use crate::recipe::{Recipe, Rounding};
 use crate::tensor::{self, FloatType};
 
@@ -220,7 +220,7 @@ impl<'a, 'm> Producer<'a, 'm> {
     }
 
     fn build(&self, plan: &BlockPlan) -> Result<Recipe> {
-        let failed = |reason: String| Error::Graph(format!("block '{}' {reason}", plan.info.name));
+        let failed = |reason: String| Error::Graph(format!("block '{}' {reason}", plan.name));
         match fold::recipe(
             self.index,
             &plan.block,
@@ -243,7 +243,7 @@ impl<'a, 'm> Producer<'a, 'm> {
             Slot::Failed(e) => e.take(),
             _ => None,
         }
-        .unwrap_or_else(|| Error::Graph(format!("block '{}' could not be folded", plan.info.name)))
+        .unwrap_or_else(|| Error::Graph(format!("block '{}' could not be folded", plan.name)))
     }
 
     /// Waits for task `t` (the next one to write) and takes it.
@@ -336,6 +336,74 @@ impl<'a, 'm> Producer<'a, 'm> {
             dtype: plan.dtype,
             rounding,
         })
+    }
+}
+
+/// What writing a block's fused tensors leaves to check and report.
+#[derive(Debug, Clone)]
+pub struct Produced {
+    /// The encoded bias.
+    pub bias: bytes::Bytes,
+    /// The written weight rows of the requested output channels, in request order, as written
+    /// (decoded by [`Produced::sampled`], off the writer's thread).
+    pub sampled_bytes: Vec<u8>,
+    /// Their dims (the weight's, with the request's length first) and element type.
+    pub sampled_dims: Vec<usize>,
+    pub dtype: FloatType,
+    /// For half-precision weights: the largest change rounding the f64 fold to that type made,
+    /// relative to the largest weight.
+    pub rounding: Option<f64>,
+}
+
+impl Produced {
+    /// The written rows of the requested output channels, decoded.
+    pub fn sampled(&self) -> Result<ndarray::ArrayD<f64>> {
+        let values = tensor::decode(&self.sampled_bytes, self.dtype);
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&self.sampled_dims), values)
+            .map_err(|e| Error::Graph(format!("sampled rows: {e}")))
+    }
+
+    /// The bias, decoded.
+    pub fn bias(&self) -> Result<ndarray::ArrayD<f64>> {
+        let values = tensor::decode(&self.bias, self.dtype);
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[values.len()]), values)
+            .map_err(|e| Error::Graph(format!("bias: {e}")))
+    }
+}
+
+/// Folds one plan on its own (see [`Producer`] to fold many): hands each chunk of the encoded
+/// weight to `write` (so even the largest block never sits in memory whole) and returns the
+/// encoded bias and the written rows `sample` asks for.
+pub fn fold_block(
+    index: &Constants,
+    plan: &BlockPlan,
+    write: &mut dyn FnMut(&[u8]) -> Result<()>,
+    sample: &[usize],
+) -> Result<Produced> {
+    Producer::run(index, std::slice::from_ref(plan), vec![0], |producer| {
+        producer.write_block(0, write, sample)
+    })
+}
+
+/// Tensors smaller than this keep their pages (see [`release_pages`]).
+const RELEASE_AT_LEAST: usize = 1 << 16;
+
+/// Lets go of the input's mapped pages under the data of the tensors a block reads (they stay in
+/// the page cache), once it is written and checked.
+pub fn release_pages(index: &Constants, plan: &BlockPlan) {
+    let tensors = plan
+        .block
+        .nodes()
+        .into_iter()
+        .flat_map(|n| &index.node(n).input)
+        .filter_map(|v| index.declared_tensor(v));
+    // Small tensors share pages with others and are not worth a call (each one interrupts the
+    // other cores to flush their TLBs).
+    for t in tensors {
+        match tensor::stored(t, &index.model.external) {
+            Some(bytes) if bytes.len() >= RELEASE_AT_LEAST => index.model.release(&bytes),
+            _ => {}
+        }
     }
 }
 
@@ -465,13 +533,14 @@ mod tests {
                     alone.extend_from_slice(bytes);
                     Ok(())
                 };
-                let single = plan.write_tensors(index, &mut write, &[]).unwrap();
-                assert_eq!(weight, &alone, "{}", plan.info.name);
+                let single = fold_block(index, plan, &mut write, &[]).unwrap();
+                assert_eq!(weight, &alone, "{}", plan.name);
                 assert_eq!(produced.bias, single.bias);
                 let node = &patch.replaced[&plan.block.root];
                 let (rows, bias) = (produced.sampled().unwrap(), produced.bias().unwrap());
-                let deviation = crate::verify::check(index, plan, node, &rows, &bias, None);
-                assert!(deviation.unwrap().rel < 1e-6, "{}", plan.info.name);
+                let deviation =
+                    crate::verify::check(index, &plan.subject(), node, &rows, &bias, None);
+                assert!(deviation.unwrap().rel < 1e-6, "{}", plan.name);
             }
         });
     }

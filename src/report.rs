@@ -1,11 +1,20 @@
-//! What the tool tells people and pipelines: one [`BlockInfo`] per block found (fused or not, and
+//! What the tool tells people and pipelines, assembled last — from the plans, the patch and what
+//! writing or inspecting each block found: one [`BlockInfo`] per block found (fused or not, and
 //! why not), and the totals of a fusion.
 
 use std::time::Duration;
 
 use crate::constant::Constants;
+use crate::cost::Cost;
 use crate::geometry::Window;
+use crate::graph::is_default_domain;
+use crate::onnx::proto::{NodeProto, TensorProto};
+use crate::patch::Patch;
 use crate::pattern::{Block, Term};
+use crate::plan::{Analysis, SkipKind, Skipped};
+use crate::quant::Int8Stats;
+use crate::verify::Deviation;
+use crate::writer::Outcome;
 
 /// A block as a reader of the training structure sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,11 +40,11 @@ pub struct BlockInfo {
     /// relative to the largest weight.
     pub rounding_error: Option<f64>,
     /// How far the fused Conv is from the original subgraph, when verified.
-    pub deviation: Option<crate::verify::Deviation>,
+    pub deviation: Option<Deviation>,
     /// Parameters and FLOPs before → after (`inspect`).
-    pub cost: Option<crate::cost::Cost>,
+    pub cost: Option<Cost>,
     /// Quantization statistics of the fused kernel (`inspect --int8`).
-    pub int8: Option<crate::quant::Int8Stats>,
+    pub int8: Option<Int8Stats>,
 }
 
 impl BlockInfo {
@@ -52,10 +61,127 @@ impl BlockInfo {
     }
 }
 
+/// The report of a fusion, assembled last: from the plans, what writing each one found
+/// (`outcomes`, by plan), and the patch.
+pub fn fusion(
+    index: &Constants,
+    analysis: &Analysis,
+    patch: &Patch,
+    outcomes: &[Outcome],
+    elapsed: Duration,
+) -> FuseReport {
+    let model = index.model;
+    let fused = analysis
+        .plans
+        .iter()
+        .zip(outcomes)
+        .map(|(plan, outcome)| BlockInfo {
+            sized_for: plan.sized_for().map(<[usize]>::to_vec),
+            deviation: outcome.deviation,
+            rounding_error: outcome.rounding,
+            ..describe(index, &plan.block, &plan.name)
+        });
+    let skipped = |kind| {
+        let of_kind = analysis.skipped_of(kind);
+        of_kind.map(|s| skipped_info(index, s)).collect()
+    };
+    // Parameters: the elements of the main graph's constant tensors, initializers and
+    // `Constant` nodes alike.
+    let elements = |t: &TensorProto| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>();
+    let constant_node = |n: usize| constant_elements(&model.nodes[n]);
+    let params_before: u64 = model.initializers.iter().map(elements).sum::<u64>()
+        + (0..model.nodes.len()).map(constant_node).sum::<u64>();
+    let removed = patch.removed_initializers.iter();
+    let params_removed: u64 = removed
+        .map(|&i| elements(&model.initializers[i]))
+        .sum::<u64>()
+        + patch
+            .removed_nodes
+            .iter()
+            .map(|&n| constant_node(n))
+            .sum::<u64>();
+    let params_added: u64 = patch.new_tensors.iter().map(|t| t.elements() as u64).sum();
+    FuseReport {
+        fused: fused.collect(),
+        skipped: skipped(SkipKind::Unfoldable),
+        not_blocks: skipped(SkipKind::NotABlock),
+        nodes_before: model.nodes.len(),
+        nodes_after: model.nodes.len() - patch.removed_nodes.len(),
+        params_before,
+        params_after: params_before - params_removed + params_added,
+        training_bn_folded: crate::plan::training_bns(index, &analysis.plans),
+        elapsed,
+    }
+}
+
+/// What `inspect` found for each plan: its cost and, on request, the INT8 statistics of its
+/// fused kernel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inspected {
+    pub cost: Option<Cost>,
+    pub int8: Option<Int8Stats>,
+}
+
+/// The report of `inspect`, assembled from the plans and what was found for each (`planned`, by
+/// plan; `skipped_costs`, by skipped block) at the input shape counted.
+pub fn inspection(
+    index: &Constants,
+    analysis: &Analysis,
+    planned: &[Inspected],
+    skipped_costs: &[Cost],
+    input_shape: Option<Vec<usize>>,
+) -> InspectReport {
+    let plans = analysis.plans.iter().zip(planned).map(|(plan, found)| {
+        let info = BlockInfo {
+            sized_for: plan.sized_for().map(<[usize]>::to_vec),
+            cost: found.cost,
+            int8: found.int8,
+            ..describe(index, &plan.block, &plan.name)
+        };
+        (plan.block.root, info)
+    });
+    let skipped = analysis
+        .skipped
+        .iter()
+        .zip(skipped_costs)
+        .map(|(s, &cost)| {
+            let info = BlockInfo {
+                cost: Some(cost),
+                ..skipped_info(index, s)
+            };
+            (s.block.root, info)
+        });
+    let mut blocks: Vec<(usize, BlockInfo)> = plans.chain(skipped).collect();
+    blocks.sort_by_key(|(root, _)| *root);
+    InspectReport {
+        blocks: blocks.into_iter().map(|(_, info)| info).collect(),
+        input_shape,
+    }
+}
+
+fn skipped_info(index: &Constants, s: &Skipped) -> BlockInfo {
+    BlockInfo {
+        reason: Some(s.reason.clone()),
+        ..describe(index, &s.block, &s.name)
+    }
+}
+
+/// The elements a `Constant` node holds (0 for any other node).
+fn constant_elements(node: &NodeProto) -> u64 {
+    if node.op_type() != "Constant" || !is_default_domain(node) {
+        return 0;
+    }
+    let a = node.attribute.first();
+    let tensor = a.and_then(|a| a.t.as_ref());
+    let dims = tensor.map(|t| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>());
+    let listed = a.map_or(0, |a| (a.floats.len() + a.ints.len()).max(1) as u64);
+    dims.unwrap_or(listed)
+}
+
 /// Describes `block` from the graph alone (weight dims and attributes; no tensor data).
-pub fn describe(index: &Constants, block: &Block, name: String) -> BlockInfo {
+pub fn describe(index: &Constants, block: &Block, name: &str) -> BlockInfo {
     let mut info = BlockInfo {
-        name,
+        name: name.to_string(),
         in_channels: 0,
         out_channels: 0,
         stride: Vec::new(),

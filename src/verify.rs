@@ -13,10 +13,12 @@ use std::collections::HashMap;
 
 use ndarray::{ArrayD, Axis, IxDyn};
 
+use crate::affine::Layout;
 use crate::constant::Constants;
 use crate::graph::is_default_domain;
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
+use crate::pattern::Block;
 use crate::tensor::{self, FloatType};
 
 /// Output channels compared per block (all of them when there are no more).
@@ -277,17 +279,33 @@ fn ints_or(node: &NodeProto, name: &str, default: usize, rank: usize) -> Vec<usi
         .unwrap_or_else(|| vec![default; rank])
 }
 
-/// The output channels the check of `plan` compares (a seeded sample; all when few, fewer than
-/// [`CHANNELS`] when each costs much, see [`CHECK_WORK`]).
-pub fn sample(plan: &crate::plan::BlockPlan) -> Vec<usize> {
-    let per_channel = work_per_channel(&plan.layout).unwrap_or(usize::MAX);
+/// What a check is of: a block and the fused Conv planned for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// The block's name (errors name it; it seeds the sample).
+    pub name: &'a str,
+    pub block: &'a Block,
+    /// The fused Conv's shape and geometry.
+    pub layout: &'a Layout,
+    /// The fused weights' element type (it sets the default tolerance).
+    pub dtype: FloatType,
+    /// The input size the fold holds for only, if any: the check's input keeps its remainder
+    /// modulo the stride.
+    pub sized: Option<&'a [usize]>,
+}
+
+/// The output channels the check of a fused Conv of `layout` for the block named `name`
+/// compares (a seeded sample; all when few, fewer than [`CHANNELS`] when each costs much, see
+/// [`CHECK_WORK`]).
+pub fn sample(layout: &Layout, name: &str) -> Vec<usize> {
+    let per_channel = work_per_channel(layout).unwrap_or(usize::MAX);
     let count = (CHECK_WORK / per_channel.max(1)).clamp(1, CHANNELS);
-    sample_channels(plan.layout.out_channels, seed(plan), count)
+    sample_channels(layout.out_channels, seed(name), count)
 }
 
 /// The work of one output channel of the fused Conv on the check's input (as wide as the
 /// dilated kernel), as [`CHECK_WORK`] counts it; `None` when it does not fit a word.
-fn work_per_channel(layout: &crate::affine::Layout) -> Option<usize> {
+fn work_per_channel(layout: &Layout) -> Option<usize> {
     let g = &layout.geometry;
     let mut work = layout.in_per_group.max(8);
     for (a, &k) in layout.kernel.iter().enumerate() {
@@ -299,13 +317,10 @@ fn work_per_channel(layout: &crate::affine::Layout) -> Option<usize> {
     Some(work)
 }
 
-fn seed(plan: &crate::plan::BlockPlan) -> u64 {
-    plan.info
-        .name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        })
+fn seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Up to `count` output channels, spread over all of them, the same for the same seed.
@@ -841,61 +856,60 @@ fn average_pool(node: &NodeProto, x: Act, outs: &[usize]) -> Result<Act, String>
     })
 }
 
-/// Checks a planned block against its fused Conv as written (`rows`: the written weight rows of
-/// [`sample`]`(plan)`, `bias`: the written bias); an error names the block.
+/// Checks a block against its fused Conv as written (`rows`: the written weight rows of
+/// [`sample`], `bias`: the written bias); an error names the block.
 pub fn check(
     index: &Constants,
-    plan: &crate::plan::BlockPlan,
+    subject: &Subject,
     node: &NodeProto,
     rows: &ArrayD<f64>,
     bias: &ArrayD<f64>,
     tolerance: Option<f64>,
 ) -> crate::Result<Deviation> {
-    let expected = reference(index, plan, node)?;
+    let expected = reference(index, subject, node)?;
     let rows = rows.as_standard_layout();
     let values = Values::Decoded(rows.as_slice().unwrap_or(&[]));
-    compare(&expected, plan, node, values, bias, tolerance)
+    compare(&expected, subject, node, values, bias, tolerance)
 }
 
-fn failure(plan: &crate::plan::BlockPlan, reason: String) -> crate::Error {
+fn failure(subject: &Subject, reason: String) -> crate::Error {
     crate::Error::Verify {
-        block: plan.info.name.clone(),
+        block: subject.name.to_string(),
         reason,
     }
 }
 
-/// The first half of [`check`], from the original alone: what the fused Conv `node` of `plan`
-/// must compute.
+/// The first half of [`check`], from the original alone: what the fused Conv `node` must
+/// compute.
 pub fn reference(
     index: &Constants,
-    plan: &crate::plan::BlockPlan,
+    subject: &Subject,
     node: &NodeProto,
 ) -> crate::Result<Expected> {
-    let dims = plan.layout.weight_dims();
-    let (input, output) = (&plan.block.input, plan.block.output(index));
-    let sized = plan.spatial.as_deref().filter(|_| plan.sized);
-    let sampled = (sample(plan), seed(plan));
-    expect(index, (input, output), node, &dims, sampled, sized)
-        .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))
+    let dims = subject.layout.weight_dims();
+    let ends = (subject.block.input.as_str(), subject.block.output(index));
+    let sampled = (sample(subject.layout, subject.name), seed(subject.name));
+    expect(index, ends, node, &dims, sampled, subject.sized)
+        .map_err(|e| failure(subject, format!("the original could not be evaluated: {e}")))
 }
 
 /// The second half of [`check`]: the fused Conv as written (`rows`: the written weight rows of
-/// [`sample`]`(plan)`, in that order) against `expected`.
+/// [`sample`], in that order) against `expected`.
 pub fn compare(
     expected: &Expected,
-    plan: &crate::plan::BlockPlan,
+    subject: &Subject,
     node: &NodeProto,
     rows: Values,
     bias: &ArrayD<f64>,
     tolerance: Option<f64>,
 ) -> crate::Result<Deviation> {
-    let dims = plan.layout.weight_dims();
+    let dims = subject.layout.weight_dims();
     let deviation = deviation(expected, node, &dims, rows, bias)
-        .map_err(|e| failure(plan, format!("the original could not be evaluated: {e}")))?;
-    let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.dtype));
+        .map_err(|e| failure(subject, format!("the original could not be evaluated: {e}")))?;
+    let limit = tolerance.unwrap_or_else(|| default_tolerance(subject.dtype));
     if deviation.rel.is_nan() || deviation.rel > limit {
         return Err(failure(
-            plan,
+            subject,
             format!(
                 "the fused Conv differs from the original by {:.3e} relative ({:.3e} absolute), \
                  over the tolerance {limit:.1e}",

@@ -5,7 +5,7 @@ use crate::common::*;
 use onnx_repvgg::graph::GraphIndex;
 use onnx_repvgg::onnx::Model;
 use onnx_repvgg::onnx::splice::{self, DataLayout, EXTERNAL_THRESHOLD, Sink};
-use onnx_repvgg::{plan, rewrite};
+use onnx_repvgg::{plan, producer, rewrite};
 
 #[test]
 fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
@@ -23,7 +23,7 @@ fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
     let (mut model_sink, mut sidecar_sink) = (Sink::Memory(Vec::new()), Sink::Memory(Vec::new()));
     let mut produce = |p: usize, write: &mut dyn FnMut(&[u8]) -> onnx_repvgg::Result<()>| {
         Ok(vec![
-            analysis.plans[p].write_tensors(&index, write, &[])?.bias,
+            producer::fold_block(&index, &analysis.plans[p], write, &[])?.bias,
         ])
     };
     splice::write(

@@ -5,7 +5,7 @@
 use crate::common::*;
 use onnx_repvgg::graph::GraphIndex;
 use onnx_repvgg::onnx::Model;
-use onnx_repvgg::{plan, rewrite, verify};
+use onnx_repvgg::{plan, producer, rewrite, verify};
 
 fn planned(path: &std::path::Path) -> (Model, Vec<plan::BlockPlan>) {
     let model = Model::open(path).unwrap();
@@ -26,18 +26,13 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
         let patch = rewrite::build(&index, &plans);
         for plan in &plans {
             let node = &patch.replaced[&plan.block.root];
-            let sample = verify::sample(plan);
+            let sample = verify::sample(&plan.layout, &plan.name);
             let mut weight = Vec::new();
-            let produced = plan
-                .write_tensors(
-                    &index,
-                    &mut |chunk| {
-                        weight.extend_from_slice(chunk);
-                        Ok(())
-                    },
-                    &sample,
-                )
-                .unwrap();
+            let mut write = |chunk: &[u8]| {
+                weight.extend_from_slice(chunk);
+                Ok(())
+            };
+            let produced = producer::fold_block(&index, plan, &mut write, &sample).unwrap();
             assert_eq!(
                 weight.len(),
                 plan.layout.weight_dims().iter().product::<usize>() * 4
@@ -50,27 +45,26 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
             let bias =
                 ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[bias.len()]), bias).unwrap();
             let written = produced.sampled().unwrap();
-            let deviation = verify::check(&index, plan, node, &written, &bias, None).unwrap();
-            assert!(
-                deviation.rel < 1e-6,
-                "{form} {}: {deviation:?}",
-                plan.info.name
-            );
+            let deviation =
+                verify::check(&index, &plan.subject(), node, &written, &bias, None).unwrap();
+            assert!(deviation.rel < 1e-6, "{form} {}: {deviation:?}", plan.name);
 
             // Corrupt the last written weight of the block (every output channel is checked up
             // to 64), then one bias.
             let mut rows = written.clone();
             *rows.iter_mut().last().unwrap() += 0.01;
-            let err = verify::check(&index, plan, node, &rows, &bias, None)
+            let err = verify::check(&index, &plan.subject(), node, &rows, &bias, None)
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains(&format!("block '{}' failed verification", plan.info.name)),
+                err.contains(&format!("block '{}' failed verification", plan.name)),
                 "{err}"
             );
             let mut wrong_bias = bias.clone();
             wrong_bias[0] += 0.01;
-            assert!(verify::check(&index, plan, node, &written, &wrong_bias, None).is_err());
+            assert!(
+                verify::check(&index, &plan.subject(), node, &written, &wrong_bias, None).is_err()
+            );
         }
     }
 }
