@@ -5,15 +5,16 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ndarray::{Array1, ArrayD, IxDyn};
-use onnx_repvgg::affine::Layout;
-use onnx_repvgg::affine::{AffineConv, Geometry};
+use onnx_repvgg::layout::Geometry;
+use onnx_repvgg::layout::Layout;
+use onnx_repvgg::recipe::spec::DenseConv;
 use onnx_repvgg::recipe::{Recipe, Source};
 use onnx_repvgg::tensor::{Data, FloatType, to_le_bytes};
 use std::hint::black_box;
 
-fn conv(o: usize, c: usize, k: usize, pad: usize) -> AffineConv {
+fn conv(o: usize, c: usize, k: usize, pad: usize) -> DenseConv {
     let n = o * c * k * k;
-    AffineConv {
+    DenseConv {
         weight: ArrayD::from_shape_vec(
             IxDyn(&[o, c, k, k]),
             (0..n).map(|i| (i % 97) as f64 * 0.01).collect(),
@@ -31,7 +32,7 @@ fn conv(o: usize, c: usize, k: usize, pad: usize) -> AffineConv {
 }
 
 /// The branch as the tool sees it: float32 bytes in the file.
-fn stored(conv: &AffineConv) -> Recipe {
+fn stored(conv: &DenseConv) -> Recipe {
     let bytes = to_le_bytes(&conv.weight, FloatType::F32);
     let data = Data::Raw(bytes.into(), FloatType::F32);
     let bias = conv.bias.to_vec();
@@ -49,8 +50,8 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("sum 3x3 + 1x1 + identity (512)", |b| {
         b.iter(|| {
-            let id = AffineConv::identity(channels, 1, 2);
-            black_box(AffineConv::sum(vec![dense.clone(), point.clone(), id]).unwrap())
+            let id = DenseConv::identity(channels, 1, 2);
+            black_box(DenseConv::sum(vec![dense.clone(), point.clone(), id]).unwrap())
         })
     });
     let recipe = Recipe::sum(vec![
@@ -80,10 +81,10 @@ fn bench(c: &mut Criterion) {
                 &mut scratch,
             );
             // The same fold on dense numbers: what the bytes must hold.
-            let want = AffineConv::sum(vec![
+            let want = DenseConv::sum(vec![
                 dense.clone().scale_shift(&scale, &shift).unwrap(),
                 point.clone().scale_shift(&scale, &shift).unwrap(),
-                AffineConv::identity(channels, 1, 2)
+                DenseConv::identity(channels, 1, 2)
                     .scale_shift(&scale, &shift)
                     .unwrap(),
             ])
@@ -103,7 +104,7 @@ fn bench(c: &mut Criterion) {
             })
         },
     );
-    let folded = AffineConv::sum(vec![dense.clone(), point.clone()]).unwrap();
+    let folded = DenseConv::sum(vec![dense.clone(), point.clone()]).unwrap();
     c.bench_function("encode float32 512x512x3x3", |b| {
         b.iter(|| black_box(to_le_bytes(&folded.weight, FloatType::F32)))
     });

@@ -2,8 +2,8 @@
 //! nodes read) and FLOPs at a stated input size (a multiply-add counts 2; bias, BatchNormalization
 //! and the sums count one or two per output element).
 
-use crate::affine::Layout;
 use crate::constant::Constants;
+use crate::layout::Layout;
 use crate::pattern::Block;
 use crate::shapes::Shapes;
 

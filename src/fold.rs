@@ -6,10 +6,10 @@
 
 use ndarray::Array1;
 
-use crate::affine::{AlgebraError, Geometry, Layout};
 use crate::constant::Constants;
 use crate::error::Error;
 use crate::geometry::Window;
+use crate::layout::{AlgebraError, Geometry, Layout};
 use crate::onnx::attr;
 use crate::pattern::{Block, ChannelOp, Term};
 use crate::recipe::{Recipe, Source};

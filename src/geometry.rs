@@ -4,7 +4,7 @@
 //! cost counts all read windows through [`Window`]; the numerical check (`verify`) reads the
 //! attributes on its own, on purpose: it is the independent oracle.
 
-use crate::affine::Geometry;
+use crate::layout::Geometry;
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
 

@@ -15,7 +15,6 @@
 //! # Ok::<(), onnx_repvgg::Error>(())
 //! ```
 
-pub mod affine;
 pub mod cli;
 pub mod constant;
 pub mod cost;
@@ -26,6 +25,7 @@ mod fuse;
 pub mod geometry;
 pub mod graph;
 mod inspect;
+pub mod layout;
 pub mod memory;
 pub mod naming;
 pub mod onnx;

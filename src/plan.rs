@@ -3,10 +3,10 @@
 //! block with the kind and the reason. Read-only; what is printed about them is assembled later,
 //! from the plans and what writing them found (`report`).
 
-use crate::affine::Layout;
 use crate::constant::Constants;
 use crate::error::Result;
 use crate::fold::{self, FoldError, FoldOptions};
+use crate::layout::Layout;
 use crate::naming::{self, NamePool};
 use crate::pattern::{self, Block, Refusal};
 use crate::shapes::Shapes;

@@ -27,8 +27,8 @@ pub use conv::Values;
 
 use ndarray::ArrayD;
 
-use crate::affine::Layout;
 use crate::constant::Constants;
+use crate::layout::Layout;
 use crate::onnx::proto::NodeProto;
 use crate::pattern::Block;
 use crate::tensor::FloatType;

@@ -2,12 +2,14 @@
 //! identity, an average) land on which taps of the fused kernel, times which per-channel factor.
 //! The branches' algebra (scale and shift, negation, spreading taps, summing) acts on the recipe
 //! alone; the weights are read once, when a row of output channels is written, in one pass from
-//! the stored bytes to the output's bytes. [`crate::affine::AffineConv`] is the same algebra on
+//! the stored bytes to the output's bytes. [`spec::DenseConv`] is the same algebra on
 //! dense numbers; the two agree to the last bit but for f64 rounding (tested below).
+
+pub mod spec;
 
 use std::ops::Range;
 
-use crate::affine::{AlgebraError, Layout};
+use crate::layout::{AlgebraError, Layout};
 use crate::tensor::{self, Data, FloatType};
 
 /// Where a part's values come from, per output channel `o` and input channel `i` (of its group).
@@ -83,7 +85,7 @@ impl Recipe {
         self
     }
 
-    /// Spreads the taps to dilations `to` (see [`crate::affine::AffineConv::spread`]).
+    /// Spreads the taps to dilations `to` (see [`spec::DenseConv::spread`]).
     fn spread(self, to: &[usize]) -> Result<Recipe, AlgebraError> {
         let layout = self.layout.spread(to)?;
         let from = &self.layout;
@@ -331,12 +333,13 @@ impl Rounding {
 
 #[cfg(test)]
 mod tests {
-    //! The recipe against [`AffineConv`], the same algebra on dense numbers (itself checked
+    //! The recipe against [`DenseConv`], the same algebra on dense numbers (itself checked
     //! against a direct convolution): same branches, same operations, same fused kernel.
     use ndarray::{Array1, ArrayD, IxDyn};
 
+    use super::spec::DenseConv;
     use super::*;
-    use crate::affine::{AffineConv, Geometry};
+    use crate::layout::Geometry;
 
     fn geometry(pads: &[usize], dilations: &[usize], group: usize) -> Geometry {
         Geometry {
@@ -355,7 +358,7 @@ mod tests {
         kernel: &[usize],
         g: Geometry,
         seed: u64,
-    ) -> (AffineConv, Recipe) {
+    ) -> (DenseConv, Recipe) {
         let mut dims = vec![o, per_group];
         dims.extend(kernel);
         let n: usize = dims.iter().product();
@@ -368,7 +371,7 @@ mod tests {
         };
         let values: Vec<f64> = (0..n).map(|_| next()).collect();
         let bias: Vec<f64> = (0..o).map(|_| next()).collect();
-        let affine = AffineConv {
+        let affine = DenseConv {
             weight: ArrayD::from_shape_vec(IxDyn(&dims), values.clone()).unwrap(),
             bias: Array1::from(bias.clone()),
             geometry: g,
@@ -385,7 +388,7 @@ mod tests {
     }
 
     /// Asserts the recipe writes the affine convolution's weights and bias.
-    fn assert_same(recipe: &Recipe, affine: &AffineConv) {
+    fn assert_same(recipe: &Recipe, affine: &DenseConv) {
         assert_eq!(recipe.layout, affine.layout());
         let o = recipe.layout.out_channels;
         let mut bytes = vec![0; o * recipe.row_len() * 8];
@@ -410,14 +413,14 @@ mod tests {
         let (s3, t3) = params(o, 0.1);
         let (s1, t1) = params(o, 0.2);
         let (si, ti) = params(o, 0.3);
-        let ai = AffineConv::identity(o, group, 2);
+        let ai = DenseConv::identity(o, group, 2);
         let ri = Recipe::leaf(
             Layout::identity(o, group, 2),
             Source::Identity,
             1.0,
             vec![0.0; o],
         );
-        let affine = AffineConv::sum(vec![
+        let affine = DenseConv::sum(vec![
             a3.scale_shift(&s3, &t3).unwrap(),
             a1.scale_shift(&s1, &t1).unwrap(),
             ai.scale_shift(&si, &ti).unwrap(),
@@ -443,7 +446,7 @@ mod tests {
         let mut wide = geometry(&[2, 0], &[2, 1], 1);
         wide.pads_end = vec![2, 0];
         let (d, rd) = branch(o, 2, &[3, 1], wide, 6);
-        let affine = AffineConv::sum(vec![a, b.negate(), c, d]).unwrap();
+        let affine = DenseConv::sum(vec![a, b.negate(), c, d]).unwrap();
         let recipe = Recipe::sum(vec![ra, rb.negate(), rc, rd]).unwrap();
         assert_eq!(affine.kernel(), &[5, 5]);
         assert_same(&recipe, &affine);
@@ -464,18 +467,18 @@ mod tests {
         for c in 0..o {
             mean.slice_mut(ndarray::s![c, c, .., ..]).fill(1.0 / 9.0);
         }
-        let am = AffineConv {
+        let am = DenseConv {
             weight: mean,
             bias: Array1::zeros(o),
             geometry: layout.geometry.clone(),
         };
         let rm = Recipe::leaf(layout, Source::Mean, 1.0 / 9.0, vec![0.0; o]);
         let (s, t) = params(o, 0.4);
-        let inner = AffineConv::sum(vec![b, am])
+        let inner = DenseConv::sum(vec![b, am])
             .unwrap()
             .scale_shift(&s, &t)
             .unwrap();
-        let affine = AffineConv::sum(vec![inner, a]).unwrap();
+        let affine = DenseConv::sum(vec![inner, a]).unwrap();
         let inner = Recipe::sum(vec![rb, rm])
             .unwrap()
             .scale_shift(&s, &t)
