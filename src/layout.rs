@@ -284,8 +284,9 @@ impl Layout {
         Ok(())
     }
 
-    /// The layout of the sum of `terms`, on an input of spatial size `sizes` when known (see
-    /// [`Layout::sum_plan`]).
+    /// The layout of the sum of `terms`, on an input of spatial size `sizes` when known:
+    /// branches whose pads disagree must give outputs of one size there, and the sum then holds
+    /// at that size only.
     pub fn sum(terms: &[Layout], sizes: Option<&[usize]>) -> Result<Layout, AlgebraError> {
         Layout::check_ranks(terms)?;
         let common = Layout::common_dilations(terms);

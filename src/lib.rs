@@ -4,9 +4,23 @@
 //! Conv(+BatchNormalization) branches and an optional identity, summed by `Add` — becomes one
 //! Conv with bias, computed from the ONNX file alone.
 //!
-//! Data flows one way: bytes ([`onnx::Model`]) → index ([`graph::GraphIndex`]) → candidate
-//! blocks ([`pattern`]) → folded convolutions ([`fold`], [`affine`]) → plans ([`plan`]) → a
-//! patch ([`rewrite`]) → bytes ([`onnx::splice`], [`onnx::output`]).
+//! Data flows one way, as [`fuse_file`] runs it (`src/fuse.rs`, step by step):
+//!
+//! 1. **bytes → model**: [`onnx::Model`] maps the file ([`onnx::map`]), scans the main graph at
+//!    the wire level ([`onnx::wire`]), decodes its nodes and tensor headers, and opens every
+//!    external data file any tensor names ([`onnx::tensors`], [`onnx::external`]);
+//! 2. **model → index**: [`graph::GraphIndex`] (who produces and consumes what; the input's
+//!    structure checked by [`onnx::audit`]) and [`constant::Constants`] (declared and computed
+//!    constants);
+//! 3. **index → blocks**: [`pattern`] finds expression trees over one input;
+//! 4. **blocks → plans**: [`fold`] checks each block's fold on shapes only ([`layout`],
+//!    [`geometry`]) and [`plan`] names it, or says why not;
+//! 5. **plans → patch**: [`rewrite`] decides what replaces what ([`patch::Patch`]);
+//! 6. **patch → bytes**: [`onnx::splice`] lays the output out and copies what is untouched,
+//!    [`writer`] runs it with the [`producer`] folding each block's weights from the mapped
+//!    bytes ([`recipe`]) and [`verify`] checking each one beside it, and [`onnx::output`] puts the
+//!    files in place once the written model holds the output invariant ([`onnx::audit`]);
+//! 7. **→ report**: [`report`] is assembled last, from the plans and what writing each found.
 //!
 //! ```no_run
 //! let options = onnx_repvgg::Options::default();

@@ -108,7 +108,7 @@ impl Recipe {
         Recipe::sum_at(terms, None)
     }
 
-    /// [`Recipe::sum`] on an input of spatial size `sizes` (see [`Layout::sum_plan`]).
+    /// [`Recipe::sum`] on an input of spatial size `sizes` (branches whose pads disagree must give outputs of one size at `sizes`).
     pub fn sum_at(terms: Vec<Recipe>, sizes: Option<&[usize]>) -> Result<Recipe, AlgebraError> {
         let layouts: Vec<Layout> = terms.iter().map(|t| t.layout.clone()).collect();
         Layout::check_ranks(&layouts)?;

@@ -143,7 +143,7 @@ impl DenseConv {
         DenseConv::sum_at(terms, None)
     }
 
-    /// [`DenseConv::sum`] on an input of spatial size `sizes` (see [`Layout::sum_plan`]).
+    /// [`DenseConv::sum`] on an input of spatial size `sizes` (branches whose pads disagree must give outputs of one size at `sizes`).
     pub fn sum_at(
         terms: Vec<DenseConv>,
         sizes: Option<&[usize]>,
