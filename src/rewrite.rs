@@ -8,10 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::graph::GraphIndex;
 use crate::onnx::attr;
-use crate::onnx::proto::{
-    NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto,
-    type_proto,
-};
+use crate::onnx::proto::NodeProto;
 use crate::patch::{NewTensor, Patch};
 use crate::plan::BlockPlan;
 
@@ -98,31 +95,8 @@ fn list_initializers_as_inputs(index: &GraphIndex, patch: &mut Patch) {
     patch.new_inputs = patch
         .new_tensors
         .iter()
-        .map(|t| tensor_value_info(&t.header()))
+        .map(|t| crate::onnx::info::tensor(&t.name, t.dtype.code(), &t.header().dims))
         .collect();
-}
-
-/// A graph input declaring a tensor's type and shape.
-fn tensor_value_info(t: &TensorProto) -> ValueInfoProto {
-    let dim = t
-        .dims
-        .iter()
-        .map(|&d| tensor_shape_proto::Dimension {
-            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-            denotation: None,
-        })
-        .collect();
-    ValueInfoProto {
-        name: t.name.clone(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: t.data_type,
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
 }
 
 /// How many node inputs read each value once the patch applies.

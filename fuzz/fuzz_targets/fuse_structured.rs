@@ -368,24 +368,6 @@ struct Model {
     rank: usize,
 }
 
-fn attr_float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(1),
-        f: Some(v),
-        ..Default::default()
-    }
-}
-
-fn attr_string(name: &str, v: &str) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(3),
-        s: Some(v.as_bytes().to_vec().into()),
-        ..Default::default()
-    }
-}
-
 fn ints_attr(out: &mut Vec<AttributeProto>, name: &str, spec: &Ints, rank: usize) {
     match spec {
         Ints::Absent => {}
@@ -423,7 +405,7 @@ fn int_attr(out: &mut Vec<AttributeProto>, name: &str, spec: Int, channels: usiz
         Int::Absent => {}
         Int::Value(n) => out.push(attr::new_int(name, n.value())),
         Int::Depthwise => out.push(attr::new_int(name, channels as i64)),
-        Int::WrongType(n) => out.push(attr_float(name, n.value() as f32)),
+        Int::WrongType(n) => out.push(attr::new_float(name, n.value() as f32)),
         Int::WrongField(n) => out.push(AttributeProto {
             name: Some(name.into()),
             r#type: Some(2),
@@ -442,7 +424,7 @@ fn auto_pad_attr(out: &mut Vec<AttributeProto>, spec: &Option<AutoPad>) {
         Some(AutoPad::SameLower) => "SAME_LOWER",
         Some(AutoPad::Garbage(s)) => s.as_str(),
     };
-    out.push(attr_string("auto_pad", s));
+    out.push(attr::new_string("auto_pad", s));
 }
 
 fn value_info(name: &str, elem: Option<i32>, shape: Option<Vec<Dim>>) -> ValueInfoProto {
@@ -685,11 +667,11 @@ impl Model {
         let mut attrs = Vec::new();
         match b.epsilon {
             Epsilon::Absent => {}
-            Epsilon::Value(v) => attrs.push(attr_float("epsilon", v)),
-            Epsilon::Zero => attrs.push(attr_float("epsilon", 0.0)),
-            Epsilon::Negative => attrs.push(attr_float("epsilon", -1e-3)),
-            Epsilon::NaN => attrs.push(attr_float("epsilon", f32::NAN)),
-            Epsilon::Inf => attrs.push(attr_float("epsilon", f32::INFINITY)),
+            Epsilon::Value(v) => attrs.push(attr::new_float("epsilon", v)),
+            Epsilon::Zero => attrs.push(attr::new_float("epsilon", 0.0)),
+            Epsilon::Negative => attrs.push(attr::new_float("epsilon", -1e-3)),
+            Epsilon::NaN => attrs.push(attr::new_float("epsilon", f32::NAN)),
+            Epsilon::Inf => attrs.push(attr::new_float("epsilon", f32::INFINITY)),
             Epsilon::WrongType => attrs.push(attr::new_int("epsilon", 1)),
         }
         if let Some(v) = b.training_mode {

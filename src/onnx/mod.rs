@@ -10,6 +10,7 @@ pub mod proto {
 pub mod attr;
 pub mod audit;
 pub mod external;
+pub mod info;
 pub mod map;
 pub mod model;
 pub mod output;

@@ -318,14 +318,9 @@ fn if_with_branch_weights(data: &mut Vec<u8>, location: Option<&str>) -> GraphPr
     b.graph
 }
 
-#[test]
-fn nested_graph_tensors_with_external_data_move_to_the_sidecar() {
-    // B2b: initializers of If branches kept pointing at the *input's* data file.
-    let mut data = vec![7u8; 100];
-    let graph = if_with_branch_weights(&mut data, Some("train.onnx.data"));
-    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    std::fs::write(src.path().join("train.onnx.data"), &data).unwrap();
-    let model = ModelProto {
+/// A model (IR 8, opset 17) of `graph`.
+fn model_of(graph: GraphProto) -> ModelProto {
+    ModelProto {
         ir_version: Some(8),
         opset_import: vec![onnx_repvgg::onnx::proto::OperatorSetIdProto {
             domain: Some(String::new()),
@@ -333,7 +328,17 @@ fn nested_graph_tensors_with_external_data_move_to_the_sidecar() {
         }],
         graph: Some(graph),
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn nested_graph_tensors_with_external_data_move_to_the_sidecar() {
+    // B2b: initializers of If branches kept pointing at the *input's* data file.
+    let mut data = vec![7u8; 100];
+    let graph = if_with_branch_weights(&mut data, Some("train.onnx.data"));
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(src.path().join("train.onnx.data"), &data).unwrap();
+    let model = model_of(graph);
     let input = src.path().join("train.onnx");
     std::fs::write(&input, model.encode_to_vec()).unwrap();
     let output = dst.path().join("deploy.onnx");
@@ -388,15 +393,7 @@ fn new_names_never_collide_with_names_inside_nested_graphs() {
         then.node[0].output[0] = "sum.rbr_reparam.weight".into();
         then.output[0].name = Some("sum.rbr_reparam.weight".into());
     }
-    let model = ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![onnx_repvgg::onnx::proto::OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(graph),
-        ..Default::default()
-    };
+    let model = model_of(graph);
     let (deploy, report) =
         onnx_repvgg::fuse_model(&model.encode_to_vec(), Default::default()).unwrap();
     assert_eq!(report.fused.len(), 1);

@@ -3,7 +3,7 @@
 
 use onnx_repvgg::onnx::proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
+    ValueInfoProto,
 };
 use prost::Message;
 
@@ -22,25 +22,9 @@ fn ints(name: &str, v: &[i64]) -> AttributeProto {
     new_ints(name, v.iter().copied())
 }
 
+/// A float32 value of shape `shape`.
 pub fn value_info(name: &str, shape: &[i64]) -> ValueInfoProto {
-    let dims = shape
-        .iter()
-        .map(|&d| tensor_shape_proto::Dimension {
-            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-            denotation: None,
-        })
-        .collect();
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(TensorShapeProto { dim: dims }),
-            })),
-            denotation: None,
-        }),
-        ..Default::default()
-    }
+    onnx_repvgg::onnx::info::tensor(name, 1, shape)
 }
 
 /// Convolution settings of [`Builder::conv`].

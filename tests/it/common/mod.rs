@@ -173,6 +173,48 @@ pub fn fuse_fresh(dir: &Path, name: &str, bytes: &[u8]) -> FreshRun {
     }
 }
 
+/// Fuses each fixture into a fresh file and runs `check(fixture, output, stdout)` on it, which
+/// returns what is wrong (nothing when all is well); the test then fails listing every problem
+/// of every fixture (a failed run is one), or when fewer than `least` fixtures were checked.
+pub fn fuse_each<'a>(
+    fixtures: impl IntoIterator<Item = &'a Fixture>,
+    least: usize,
+    mut check: impl FnMut(&Fixture, &Path, &str) -> Vec<String>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for fx in fixtures {
+        let out = dir.path().join(format!("{}_{}.onnx", fx.model, fx.form));
+        let run = fuse(&fx.path, &out, &[]);
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        match run.status.success() {
+            true => problems.extend(check(fx, &out, &stdout)),
+            false => problems.push(format!(
+                "{}: exit {:?}: {}",
+                fx.label(),
+                run.status,
+                String::from_utf8_lossy(&run.stderr)
+            )),
+        }
+        checked += 1;
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(checked >= least, "only {checked} fixtures checked");
+}
+
+/// What is wrong with the op histogram of `out` against the fixture's deploy export.
+pub fn deploy_ops_problem(fx: &Fixture, out: &Path) -> Option<String> {
+    let ops = op_histogram(out);
+    (ops != fx.deploy_ops).then(|| {
+        format!(
+            "{}: ops {ops:?}, deploy export has {:?}",
+            fx.label(),
+            fx.deploy_ops
+        )
+    })
+}
+
 /// Op type histogram of a model file, read with tract's own protobuf types.
 pub fn op_histogram(path: &Path) -> BTreeMap<String, usize> {
     let model = tract_onnx::onnx()
