@@ -37,6 +37,15 @@ fn assert_same_outputs(original: &Path, fused: &Path, shape: &[usize]) {
     }
 }
 
+/// Fuses `input` into `output` with the binary; asserts success and `fused` blocks.
+fn fuse_expecting(input: &Path, output: &Path, fused: usize) {
+    let run = fuse(input, output, &[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let summary = stdout(&run);
+    let want = format!("fused {fused} blocks");
+    assert!(summary.starts_with(&want), "{summary}");
+}
+
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -237,13 +246,7 @@ fn constant_weights_with_external_data_fold_and_move_to_the_sidecar() {
     std::fs::write(src.path().join("weights.bin"), &data).unwrap();
     let input = save(&b, src.path(), "train.onnx");
     let output = dst.path().join("deploy.onnx");
-    let run = fuse(&input, &output, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert!(
-        stdout(&run).starts_with("fused 1 blocks"),
-        "{}",
-        stdout(&run)
-    );
+    fuse_expecting(&input, &output, 1);
     let mut left: Vec<String> = std::fs::read_dir(dst.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -342,13 +345,7 @@ fn nested_graph_tensors_with_external_data_move_to_the_sidecar() {
     let input = src.path().join("train.onnx");
     std::fs::write(&input, model.encode_to_vec()).unwrap();
     let output = dst.path().join("deploy.onnx");
-    let run = fuse(&input, &output, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert!(
-        stdout(&run).starts_with("fused 1 blocks"),
-        "{}",
-        stdout(&run)
-    );
+    fuse_expecting(&input, &output, 1);
     let fused = ModelProto::decode(&*std::fs::read(&output).unwrap()).unwrap();
     let sidecar = std::fs::read(dst.path().join("deploy.onnx.data")).unwrap();
     let node = fused
@@ -470,13 +467,7 @@ fn external_data_without_length_is_sized_from_dims() {
     let input = dir.path().join("dynamo_op18.onnx");
     std::fs::write(&input, model.encode_to_vec()).unwrap();
     let output = dir.path().join("deploy.onnx");
-    let run = fuse(&input, &output, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert!(
-        stdout(&run).starts_with("fused 7 blocks"),
-        "{}",
-        stdout(&run)
-    );
+    fuse_expecting(&input, &output, 7);
     assert_same_outputs(&fixture, &output, &[1, 3, 32, 32]);
 }
 
