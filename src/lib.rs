@@ -178,6 +178,28 @@ pub fn inspect_model(bytes: &[u8], options: Options) -> Result<InspectReport> {
     inspect(&model, &options).map_err(|e| e.in_file(name))
 }
 
+/// [`inspect_file_with`] for a model held in memory, naming it `name` in errors (the CLI says
+/// `<stdin>`). The model must hold all its tensors (no external data).
+pub fn inspect_model_named(
+    bytes: Bytes,
+    name: &Path,
+    options: &InspectOptions,
+) -> Result<InspectReport> {
+    let model = Model::from_bytes(name, bytes, None).map_err(|e| e.in_file(name))?;
+    inspect(&model, options).map_err(|e| e.in_file(name))
+}
+
+/// [`dot_file`] for a model held in memory, naming it `name` in errors.
+pub fn dot_model_named(
+    bytes: Bytes,
+    name: &Path,
+    block: Option<&str>,
+    options: Options,
+) -> Result<String> {
+    let model = Model::from_bytes(name, bytes, None).map_err(|e| e.in_file(name))?;
+    dot_of(&model, block, options).map_err(|e| e.in_file(name))
+}
+
 /// Where a fusion's output goes.
 enum Target<'a> {
     /// A file, written atomically, with a sidecar when needed; never over `protected`.
@@ -381,7 +403,10 @@ fn fuse(
         skipped: unfoldable,
         not_blocks: analysis
             .skipped_of(plan::SkipKind::NotABlock)
-            .map(|s| s.info.clone())
+            .map(|s| BlockInfo {
+                candidate: false,
+                ..s.info.clone()
+            })
             .collect(),
         nodes_before: model.nodes.len(),
         nodes_after: model.nodes.len() - patch.removed_nodes.len(),
@@ -395,12 +420,13 @@ fn fuse(
 /// Graphviz DOT of `input`'s structure before and after fusion, or of the block named `block`.
 pub fn dot_file(input: &Path, block: Option<&str>, options: Options) -> Result<String> {
     let model = Model::open(input)?;
-    let draw = || -> Result<String> {
-        let index = GraphIndex::new(&model)?;
-        let analysis = plan::analyse(&index, options.fold())?;
-        dot::draw(&index, &analysis, block)
-    };
-    draw().map_err(|e| e.in_file(input))
+    dot_of(&model, block, options).map_err(|e| e.in_file(input))
+}
+
+fn dot_of(model: &Model, block: Option<&str>, options: Options) -> Result<String> {
+    let index = GraphIndex::new(model)?;
+    let analysis = plan::analyse(&index, options.fold())?;
+    dot::draw(&index, &analysis, block)
 }
 
 /// What `inspect` computes beyond the blocks.
@@ -479,6 +505,7 @@ fn inspect(model: &Model, options: &InspectOptions) -> Result<InspectReport> {
         }
     }
     for skipped in &mut analysis.skipped {
+        skipped.info.candidate = skipped.kind != plan::SkipKind::NotABlock;
         skipped.info.cost = Some(cost::of_block(&index, &skipped.block, None, &shapes));
     }
     Ok(InspectReport {

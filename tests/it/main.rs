@@ -14,4 +14,5 @@ mod hostile;
 mod layout;
 mod people;
 mod properties;
+mod readme;
 mod verify;
