@@ -9,7 +9,7 @@ use super::input::{self, Source};
 use super::{Failure, Result, emit, print, usage_error, warn};
 use crate::{FuseReport, Options};
 
-pub(crate) const EXAMPLES: &str = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse --strict -q train.onnx deploy.onnx && ship deploy.onnx\n  onnx-repvgg fuse a.onnx b.onnx --out-dir deploy/\n  onnx-repvgg fuse --dry-run --json train.onnx\n  cat train.onnx | onnx-repvgg fuse - - > deploy.onnx";
+pub(crate) const EXAMPLES: &str = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse --strict -q train.onnx deploy.onnx && ship deploy.onnx\n  onnx-repvgg fuse a.onnx b.onnx --out-dir deploy/\n  onnx-repvgg fuse --dry-run --json train.onnx\n  cat train.onnx | onnx-repvgg fuse - - > deploy.onnx\n\nExit codes: 0 success (also when there was nothing to fuse; candidates not fused are warnings\non stderr unless --strict), 1 error (nothing written), 2 usage (also a bad value of\nONNX_REPVGG_THREADS or ONNX_REPVGG_MEMORY_LIMIT: see onnx-repvgg --help).";
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct FuseArgs {

@@ -114,13 +114,33 @@ fn after_help() -> String {
         "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse -v train.onnx deploy.onnx\n  onnx-repvgg fuse --dry-run train.onnx\n  onnx-repvgg inspect train.onnx\n  onnx-repvgg dot train.onnx --block stage1.0 -o block.svg\n  onnx-repvgg completions bash > ~/.local/share/bash-completion/completions/onnx-repvgg\n\nEnvironment:\n",
     );
     for (name, what) in ENVIRONMENT {
-        text += &format!("  {name}\n      {what}\n");
+        text += &format!("  {name}\n{}", wrap(what, "      "));
     }
     text += "\nExit codes:\n";
     for (code, what) in EXIT_CODES {
-        text += &format!("  {code}  {what}\n");
+        let body = wrap(what, "     ");
+        text += &format!("  {code}  {}", body.trim_start());
     }
     text
+}
+
+/// `text` filled into lines of at most 92 characters, each starting with `indent`.
+fn wrap(text: &str, indent: &str) -> String {
+    const WIDTH: usize = 92;
+    let mut out = String::new();
+    let mut line = String::from(indent);
+    for word in text.split_whitespace() {
+        if line.len() > indent.len() && line.len() + 1 + word.len() > WIDTH {
+            out += &line;
+            out.push('\n');
+            line = String::from(indent);
+        }
+        if line.len() > indent.len() {
+            line.push(' ');
+        }
+        line += word;
+    }
+    out + &line + "\n"
 }
 
 /// Why a run did not succeed, and so its exit code.
