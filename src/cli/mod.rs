@@ -8,7 +8,7 @@
 //! `onnx-repvgg: …`) and warnings to stderr. [`main`] never exits the process: the binary
 //! (`src/main.rs`) and the Python package both call it and use its return value.
 //!
-//! Errors: the library's [`crate::Error`] and clap's usage errors, sorted into a [`Failure`]
+//! Errors: the library's [`crate::Error`] and clap's usage errors, sorted into a `Failure`
 //! that knows its exit code; no other error type.
 
 mod dot;

@@ -182,8 +182,31 @@ fn int8_statistics_match_those_of_pytorchs_own_fused_weights() {
         close("sqnr_per_channel_db", theirs.sqnr_per_channel_db, 1e-3);
         assert_eq!(ours["risky"], theirs.is_risky());
         risky += usize::from(theirs.is_risky());
+        // The advice follows both SQNRs: per-channel only where per-channel clears the bar.
+        let per_channel = theirs.sqnr_per_channel_db;
+        let advice = match (theirs.is_risky(), per_channel < 30.0) {
+            (false, _) => "ok",
+            (true, false) => "per-channel",
+            (true, true) => "keep-float",
+        };
+        assert_eq!(ours["advice"], advice, "{}", block["name"]);
+        assert_eq!(ours["risky_per_channel"], per_channel < 30.0);
     }
     assert_eq!(report["summary"]["int8_risky"], risky);
+    assert_eq!(report["summary"]["int8_risky_per_channel"], 0);
+    // Without --int8 nothing was measured: null, not 0.
+    let plain = json(&bin(&[
+        "inspect".as_ref(),
+        "--json".as_ref(),
+        tiny("ts_nofold_op17.onnx").as_os_str(),
+    ]));
+    assert!(
+        plain["summary"]["int8_risky"].is_null(),
+        "{}",
+        plain["summary"]
+    );
+    assert!(plain["summary"]["int8_risky_per_channel"].is_null());
+    assert!(plain["blocks"][0]["int8"].is_null());
     // The table says the same.
     let o = bin(&[
         "inspect".as_ref(),
