@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use super::input::{self, Source};
-use super::{Failure, Result, emit, print, usage_error, warn};
+use super::{Failure, Result, emit, print, to_stderr, usage_error, warn};
 use crate::{FuseReport, Options};
 
 pub(crate) const EXAMPLES: &str = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse --strict -q train.onnx deploy.onnx && ship deploy.onnx\n  onnx-repvgg fuse a.onnx b.onnx --out-dir deploy/\n  onnx-repvgg fuse --dry-run --json train.onnx\n  cat train.onnx | onnx-repvgg fuse - - > deploy.onnx\n\nExit codes: 0 success (also when there was nothing to fuse; candidates not fused are warnings\non stderr unless --strict), 1 error (nothing written), 2 usage (also a bad value of\nONNX_REPVGG_THREADS or ONNX_REPVGG_MEMORY_LIMIT: see onnx-repvgg --help).";
@@ -260,7 +260,7 @@ fn one(config: &FuseConfig, input: &Source, output: &Target) -> Result<()> {
     };
     // The result first, then what is wrong with it.
     match output {
-        Target::Stdout => eprint!("{text}"),
+        Target::Stdout => to_stderr(&text),
         Target::File(_) => emit(&text)?,
     }
     for warning in print::fuse_warnings(&name, &report) {
@@ -291,7 +291,7 @@ fn each(
                     Failure::Usage(e) => e.to_string(),
                     Failure::Invalid(m) | Failure::Failed(m) => m,
                 };
-                eprintln!("{}: {message}", super::NAME);
+                to_stderr(&format!("{}: {message}\n", super::NAME));
                 if config.json {
                     values.push(serde_json::json!({
                         "input": input.display().to_string(),

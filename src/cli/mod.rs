@@ -163,11 +163,11 @@ impl Failure {
                 2
             }
             Failure::Invalid(message) => {
-                eprintln!("{NAME}: {message}");
+                to_stderr(&format!("{NAME}: {message}\n"));
                 2
             }
             Failure::Failed(message) => {
-                eprintln!("{NAME}: {message}");
+                to_stderr(&format!("{NAME}: {message}\n"));
                 1
             }
         }
@@ -270,5 +270,11 @@ fn emit(text: &str) -> Result<()> {
 
 /// Prints a warning on stderr (also with `-q`: it says something about the result).
 fn warn(message: impl std::fmt::Display) {
-    eprintln!("{NAME}: warning: {message}");
+    to_stderr(&format!("{NAME}: warning: {message}\n"));
+}
+
+/// Writes to stderr; a closed stderr is no reason to panic (`eprintln!` would, and the Python
+/// package runs [`main`] in its own process).
+fn to_stderr(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
