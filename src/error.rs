@@ -48,6 +48,13 @@ pub enum Error {
     /// The output broke an invariant the tool guarantees: a bug of ours, never of the model.
     #[error("internal error: {0}; please report")]
     Internal(String),
+    /// An environment variable the tool reads has a value it cannot use (the CLI exits 2).
+    #[error("{variable}={value:?}: {reason}")]
+    Environment {
+        variable: &'static str,
+        value: String,
+        reason: String,
+    },
     /// The run would need more memory than is available (see [`crate::memory`]).
     #[error("not enough memory: {0}")]
     Resources(String),

@@ -197,16 +197,39 @@ pub fn inspect_model(bytes: &[u8], options: Options) -> Result<InspectReport> {
     inspect::inspect(&model, &options).map_err(|e| e.in_file(name))
 }
 
+/// [`inspect_file_with`] for a model held in memory, naming it `name` in errors (the CLI says
+/// `<stdin>`). The model must hold all its tensors (no external data).
+pub fn inspect_model_named(
+    bytes: Bytes,
+    name: &Path,
+    options: &InspectOptions,
+) -> Result<InspectReport> {
+    let model = Model::from_bytes(name, bytes, None).map_err(|e| e.in_file(name))?;
+    inspect::inspect(&model, options).map_err(|e| e.in_file(name))
+}
+
+/// [`dot_file`] for a model held in memory, naming it `name` in errors.
+pub fn dot_model_named(
+    bytes: Bytes,
+    name: &Path,
+    block: Option<&str>,
+    options: Options,
+) -> Result<String> {
+    let model = Model::from_bytes(name, bytes, None).map_err(|e| e.in_file(name))?;
+    dot_of(&model, block, options).map_err(|e| e.in_file(name))
+}
+
 /// Graphviz DOT of `input`'s structure before and after fusion, or of the block named `block`.
 pub fn dot_file(input: &Path, block: Option<&str>, options: Options) -> Result<String> {
     let model = Model::open(input)?;
-    let draw = || -> Result<String> {
-        let graph = GraphIndex::new(&model)?;
-        let index = Constants::new(&graph);
-        let analysis = plan::analyse(&index, options.fold())?;
-        dot::draw(&index, &analysis, block)
-    };
-    draw().map_err(|e| e.in_file(input))
+    dot_of(&model, block, options).map_err(|e| e.in_file(input))
+}
+
+fn dot_of(model: &Model, block: Option<&str>, options: Options) -> Result<String> {
+    let graph = GraphIndex::new(model)?;
+    let index = Constants::new(&graph);
+    let analysis = plan::analyse(&index, options.fold())?;
+    dot::draw(&index, &analysis, block)
 }
 
 /// What `inspect` computes beyond the blocks.

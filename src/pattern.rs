@@ -347,7 +347,8 @@ fn refusal(index: &Constants, leaf: &Term, x: &str) -> Refusal {
     };
     if !descends_linearly(index, value, x) && !descends_linearly(index, x, value) {
         return Refusal::NotABlock(format!(
-            "not a re-parameterizable block: its summands read '{x}' and '{value}', which a              nonlinear operator separates (a residual connection, not parallel branches)"
+            "not a re-parameterizable block: its summands read '{x}' and '{value}', which a \
+             nonlinear operator separates (a residual connection, not parallel branches)"
         ));
     }
     Refusal::Blocked(match leaf {

@@ -410,13 +410,40 @@ pub fn release_pages(index: &Constants, plan: &BlockPlan) {
 /// Environment variable that sets the number of worker threads (default: one per core).
 pub const THREADS_VAR: &str = "ONNX_REPVGG_THREADS";
 
-/// Worker threads: [`THREADS_VAR`], or one per core.
+/// The most worker threads [`THREADS_VAR`] may ask for.
+pub const MAX_THREADS: usize = 1024;
+
+/// [`THREADS_VAR`] when it is set and not empty: a whole number from 1 to [`MAX_THREADS`], or
+/// [`Error::Environment`] naming the variable. Never ignored: the CLI checks it before any work,
+/// and [`crate::memory::check`] before any run writes.
+pub fn threads_from_env() -> Result<Option<usize>> {
+    let Some(raw) = std::env::var_os(THREADS_VAR) else {
+        return Ok(None);
+    };
+    let value = raw.to_string_lossy();
+    let text = value.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    match text.parse::<usize>() {
+        Ok(n @ 1..=MAX_THREADS) => Ok(Some(n)),
+        _ => Err(Error::Environment {
+            variable: THREADS_VAR,
+            value: value.into_owned(),
+            reason: format!(
+                "not a number of threads: use a whole number from 1 to {MAX_THREADS}, or leave it unset for one per core"
+            ),
+        }),
+    }
+}
+
+/// Worker threads: [`THREADS_VAR`], or one per core (also where the variable is invalid: every
+/// run checks it, through [`crate::memory::check`], before it writes anything).
 pub fn workers() -> usize {
-    std::env::var(THREADS_VAR)
+    threads_from_env()
         .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
+        .flatten()
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1)
 }
 
 /// Output channels per chunk of about `chunk` weights of a plan's weight.

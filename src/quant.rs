@@ -77,6 +77,22 @@ impl Int8Stats {
         self.sqnr_per_tensor_db < RISK_SQNR_DB
     }
 
+    /// Whether even per-output-channel INT8 is likely to hurt (its SQNR below
+    /// [`RISK_SQNR_DB`] too).
+    pub fn is_risky_per_channel(&self) -> bool {
+        self.sqnr_per_channel_db < RISK_SQNR_DB
+    }
+
+    /// What to do about this kernel under INT8: never "use per-channel" when per-channel is
+    /// under the threshold too.
+    pub fn advice(&self) -> Advice {
+        match (self.is_risky(), self.is_risky_per_channel()) {
+            (false, _) => Advice::Ok,
+            (true, false) => Advice::PerChannel,
+            (true, true) => Advice::KeepFloat,
+        }
+    }
+
     /// The JSON object of `inspect --int8 --json`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -87,7 +103,40 @@ impl Int8Stats {
             "sqnr_per_tensor_db": finite(self.sqnr_per_tensor_db),
             "sqnr_per_channel_db": finite(self.sqnr_per_channel_db),
             "risky": self.is_risky(),
+            "risky_per_channel": self.is_risky_per_channel(),
+            "advice": self.advice().key(),
         })
+    }
+}
+
+/// What a kernel's statistics advise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// Per-tensor INT8 is fine.
+    Ok,
+    /// Per-tensor INT8 is risky, per-channel is not.
+    PerChannel,
+    /// Both are risky: keep the layer in floating point (or retrain with quantization in mind).
+    KeepFloat,
+}
+
+impl Advice {
+    /// The JSON value: `ok`, `per-channel`, `keep-float`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Advice::Ok => "ok",
+            Advice::PerChannel => "per-channel",
+            Advice::KeepFloat => "keep-float",
+        }
+    }
+
+    /// What the `inspect --int8` table says.
+    pub fn text(self) -> &'static str {
+        match self {
+            Advice::Ok => "ok",
+            Advice::PerChannel => "per-tensor risky: use per-channel",
+            Advice::KeepFloat => "risky even per-channel: keep in float",
+        }
     }
 }
 
@@ -151,6 +200,24 @@ mod tests {
         assert!(s.channel_spread > 50.0, "{s:?}");
         assert!(s.outliers > 0.0 && s.outliers < 0.01, "{s:?}");
         assert_eq!(s.max, 1.0);
+    }
+
+    #[test]
+    fn advice_never_sends_to_per_channel_when_per_channel_is_risky_too() {
+        // One channel of tiny weights with one large one: per-channel cannot help that row.
+        let mut w: Vec<f64> = even(4096).iter().map(|v| v * 0.001).collect();
+        w[4] = 1.0;
+        let s = Int8Stats::of(&w, 1);
+        assert!(s.is_risky() && s.is_risky_per_channel(), "{s:?}");
+        assert_eq!(s.advice(), Advice::KeepFloat);
+        assert!(!s.advice().text().contains("use per-channel"));
+        assert_eq!(s.to_json()["advice"], "keep-float");
+        // Sixteen channels: the large weight spoils only its own row's scale.
+        let mut w: Vec<f64> = even(4096).iter().map(|v| v * 0.01).collect();
+        w[4] = 1.0;
+        let s = Int8Stats::of(&w, 16);
+        assert_eq!(s.advice(), Advice::PerChannel, "{s:?}");
+        assert_eq!(Int8Stats::of(&even(4096), 16).advice(), Advice::Ok);
     }
 
     #[test]

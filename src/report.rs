@@ -36,6 +36,9 @@ pub struct BlockInfo {
     /// When the fold holds only for inputs of one spatial size (`auto_pad=SAME_*` with
     /// strides, or branch pads that agree only there): that size.
     pub sized_for: Option<Vec<usize>>,
+    /// A candidate for re-parameterization; `false` for a sum that looks like a block but is
+    /// none (its summands read tensors a nonlinearity separates: a residual connection).
+    pub candidate: bool,
     /// For float16/bfloat16 weights: the largest change rounding the f64 fold to that type made,
     /// relative to the largest weight.
     pub rounding_error: Option<f64>,
@@ -162,6 +165,7 @@ pub fn inspection(
 fn skipped_info(index: &Constants, s: &Skipped) -> BlockInfo {
     BlockInfo {
         reason: Some(s.reason.clone()),
+        candidate: s.kind != SkipKind::NotABlock,
         ..describe(index, &s.block, &s.name)
     }
 }
@@ -190,6 +194,7 @@ pub fn describe(index: &Constants, block: &Block, name: &str) -> BlockInfo {
         post: Vec::new(),
         reason: None,
         sized_for: None,
+        candidate: true,
         rounding_error: None,
         deviation: None,
         cost: None,
@@ -340,20 +345,31 @@ pub struct InspectReport {
 }
 
 impl InspectReport {
+    /// Candidate blocks (see [`BlockInfo::candidate`]), fusable or not.
+    pub fn candidates(&self) -> impl Iterator<Item = &BlockInfo> {
+        self.blocks.iter().filter(|b| b.candidate)
+    }
+
     pub fn fusable(&self) -> usize {
         self.blocks.iter().filter(|b| b.is_fusable()).count()
     }
 
+    /// Candidate blocks without an identity branch.
     pub fn without_identity(&self) -> usize {
-        self.blocks.iter().filter(|b| !b.has_identity()).count()
+        self.candidates().filter(|b| !b.has_identity()).count()
     }
 
-    /// Totals over the blocks: parameters before and after (fused blocks counted after fusion,
-    /// others as they are), FLOPs likewise; `None` when some block's count is unknown.
+    /// Sums found that are no blocks (residual connections), listed with the reason.
+    pub fn not_blocks(&self) -> usize {
+        self.blocks.iter().filter(|b| !b.candidate).count()
+    }
+
+    /// Totals over the candidate blocks: parameters before and after (fused blocks counted
+    /// after fusion, others as they are), FLOPs likewise; `None` when some block's count is
+    /// unknown.
     pub fn totals(&self) -> [Option<u64>; 4] {
         let sum = |f: &dyn Fn(&crate::cost::Cost) -> Option<u64>| {
-            self.blocks
-                .iter()
+            self.candidates()
                 .map(|b| b.cost.as_ref().and_then(f))
                 .sum::<Option<u64>>()
         };
@@ -366,6 +382,23 @@ impl InspectReport {
                 None => c.flops_before,
             }),
         ]
+    }
+
+    /// Fused kernels flagged for per-tensor INT8 and, second, those of them flagged per channel
+    /// too; `None` when no kernel was measured (no `--int8`).
+    pub fn int8_risky(&self) -> Option<[usize; 2]> {
+        let measured: Vec<crate::quant::Int8Stats> =
+            self.blocks.iter().filter_map(|b| b.int8).collect();
+        if measured.is_empty() {
+            return None;
+        }
+        Some([
+            measured.iter().filter(|q| q.is_risky()).count(),
+            measured
+                .iter()
+                .filter(|q| q.advice() == crate::quant::Advice::KeepFloat)
+                .count(),
+        ])
     }
 }
 
@@ -382,6 +415,7 @@ impl BlockInfo {
             "post": self.post,
             "identity": self.has_identity(),
             "fusable": self.is_fusable(),
+            "candidate": self.candidate,
             "reason": self.reason,
             "sized_for": self.sized_for,
             "deviation": self.deviation.map(|d| serde_json::json!({"abs": d.abs, "rel": d.rel})),
@@ -396,19 +430,24 @@ impl BlockInfo {
 }
 
 impl InspectReport {
-    /// `{"summary": {...}, "blocks": [...]}`.
+    /// `{"summary": {...}, "blocks": [...]}`: `blocks` counts the candidates; the list has every
+    /// sum found, the sums that are no blocks with `"candidate": false` and the reason.
     pub fn to_json(&self) -> serde_json::Value {
+        let [params_before, params_after, flops_before, flops_after] = self.totals();
+        let risky = self.int8_risky();
         serde_json::json!({
             "summary": {
-                "blocks": self.blocks.len(),
+                "blocks": self.candidates().count(),
                 "fusable": self.fusable(),
                 "without_identity": self.without_identity(),
+                "not_blocks": self.not_blocks(),
                 "input_shape": self.input_shape,
-                "params_before": self.totals()[0],
-                "params_after": self.totals()[1],
-                "flops_before": self.totals()[2],
-                "flops_after": self.totals()[3],
-                "int8_risky": self.blocks.iter().filter(|b| b.int8.is_some_and(|q| q.is_risky())).count(),
+                "params_before": params_before,
+                "params_after": params_after,
+                "flops_before": flops_before,
+                "flops_after": flops_after,
+                "int8_risky": risky.map(|[tensor, _]| tensor),
+                "int8_risky_per_channel": risky.map(|[_, channel]| channel),
             },
             "blocks": self.blocks.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
         })
@@ -423,6 +462,7 @@ impl FuseReport {
                 "fused": self.fused.len(),
                 "without_identity": self.fused_without_identity(),
                 "skipped": self.skipped.len(),
+                "not_blocks": self.not_blocks.len(),
                 "nodes_before": self.nodes_before,
                 "nodes_after": self.nodes_after,
                 "params_before": self.params_before,

@@ -489,3 +489,370 @@ fn json_reports_for_pipelines() {
             .contains("training mode")
     );
 }
+
+/// A model with one candidate block that cannot be fused (its branches' groups differ) and one
+/// that can.
+fn model_with_a_blocked_candidate() -> Vec<u8> {
+    use crate::common::builder::{Builder, ConvSpec};
+    let mut b = Builder::new(&[1, 4, 6, 6]);
+    let c3 = b.conv(
+        "x",
+        ConvSpec {
+            group: 2,
+            ..ConvSpec::k3(4, 4)
+        },
+    );
+    let c1 = b.conv("x", ConvSpec::k1(4, 4));
+    let s = b.node("Add", &[&c3, &c1], vec![]);
+    let r = b.node("Relu", &[&s], vec![]);
+    let d3 = b.conv(&r, ConvSpec::k3(4, 4));
+    let d1 = b.conv(&r, ConvSpec::k1(4, 4));
+    let y = b.node("Add", &[&d3, &d1], vec![]);
+    b.output(&y, &[1, 4, 6, 6]);
+    b.build()
+}
+
+/// A model whose only sum is a residual connection around Conv→ReLU→Conv: no candidate at all.
+fn model_with_a_residual_only() -> Vec<u8> {
+    use crate::common::builder::{Builder, ConvSpec};
+    let mut b = Builder::new(&[1, 4, 6, 6]);
+    let c = b.conv("x", ConvSpec::k3(4, 4));
+    let r = b.node("Relu", &[&c], vec![]);
+    let d = b.conv(&r, ConvSpec::k3(4, 4));
+    let y = b.node("Add", &[&d, "x"], vec![]);
+    b.output(&y, &[1, 4, 6, 6]);
+    b.build()
+}
+
+#[test]
+fn skipped_candidates_are_warnings_on_stderr_and_strict_makes_them_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("blocked.onnx");
+    std::fs::write(&input, model_with_a_blocked_candidate()).unwrap();
+    let out = dir.path().join("out.onnx");
+
+    let o = fuse(&input, &out, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let summary = stdout(&o);
+    assert_eq!(summary.lines().count(), 1, "{summary}");
+    assert!(
+        summary.starts_with("fused 1 blocks (1 without identity), 1 not fused: "),
+        "{summary}"
+    );
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "onnx-repvgg: warning: {}: block '",
+            input.display()
+        )) && err.contains("(4→4, 3x3 + 1x1) not fused: branches use group=2 and group=1"),
+        "{err}"
+    );
+    assert!(out.exists());
+
+    // -q: nothing but errors and warnings; the warning stays.
+    std::fs::remove_file(&out).unwrap();
+    let o = fuse(&input, &out, &["-q"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(o.stdout.is_empty());
+    assert_eq!(stderr(&o), err);
+
+    // --json: the warning on stderr, the report (with the skipped block) on stdout.
+    let o = fuse(&input, &out, &["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["skipped"], 1);
+    assert_eq!(stderr(&o), err);
+
+    // --strict: exit 1, one line naming the block and its reason, nothing written.
+    std::fs::remove_file(&out).unwrap();
+    let o = fuse(&input, &out, &["--strict", "-q"]);
+    assert_error(&o, "strict: 1 candidate block was not fused: ");
+    assert!(stderr(&o).contains("branches use group=2 and group=1"));
+    assert!(!out.exists());
+    assert_eq!(files_in(dir.path()), ["blocked.onnx"]);
+}
+
+/// A sum of two convolutions, one of `x`, one of `Relu(x)`: it looks like a block, but its
+/// summands read tensors a nonlinearity separates.
+fn model_with_a_sum_across_a_relu() -> Vec<u8> {
+    use crate::common::builder::{Builder, ConvSpec};
+    let mut b = Builder::new(&[1, 4, 6, 6]);
+    let r = b.node("Relu", &["x"], vec![]);
+    let c3 = b.conv("x", ConvSpec::k3(4, 4));
+    let c1 = b.conv(&r, ConvSpec::k1(4, 4));
+    let y = b.node("Add", &[&c3, &c1], vec![]);
+    b.output(&y, &[1, 4, 6, 6]);
+    b.build()
+}
+
+#[test]
+fn a_residual_connection_is_no_candidate_and_no_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let residual = dir.path().join("residual.onnx");
+    std::fs::write(&residual, model_with_a_residual_only()).unwrap();
+    let input = dir.path().join("across-relu.onnx");
+    std::fs::write(&input, model_with_a_sum_across_a_relu()).unwrap();
+
+    // Default: one line saying there was nothing to fuse, no warning; --strict agrees.
+    for model in [&residual, &input] {
+        for extra in [&[][..], &["--strict"]] {
+            let o = fuse(model, &out, extra);
+            assert_eq!(o.status.code(), Some(0), "{extra:?}: {}", stderr(&o));
+            assert_eq!(
+                stdout(&o),
+                "nothing to fuse: no re-parameterizable blocks found\n"
+            );
+            assert!(o.stderr.is_empty(), "{extra:?}: {}", stderr(&o));
+            assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(model).unwrap());
+        }
+    }
+
+    // -v and inspect list it, with the reason.
+    let o = fuse(&input, &out, &["-v"]);
+    let table = stdout(&o);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(2)
+            .unwrap()
+            .contains("not a re-parameterizable block"),
+        "{table}"
+    );
+    let o = bin(&["inspect".as_ref(), input.as_os_str()]);
+    let listed = stdout(&o);
+    assert!(
+        listed.contains("not a re-parameterizable block"),
+        "{listed}"
+    );
+    assert!(!listed.contains("no: not a"), "{listed}");
+    assert!(
+        listed.ends_with(
+            "nothing to fuse: no re-parameterizable blocks found; 1 sum that is no block\n"
+        ),
+        "{listed}"
+    );
+    let o = bin(&["inspect".as_ref(), "--json".as_ref(), input.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["blocks"], 0);
+    assert_eq!(v["summary"]["not_blocks"], 1);
+    assert_eq!(v["blocks"][0]["candidate"], false);
+    let o = fuse(&input, &out, &["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["skipped"], 0);
+    assert_eq!(v["not_blocks"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn training_mode_is_an_error_that_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deploy.onnx");
+    let o = fuse(
+        &testdata().join("models/tiny/ts_train_op17.onnx"),
+        &out,
+        &["-q"],
+    );
+    assert_error(&o, "training mode");
+    assert!(stderr(&o).contains("--allow-training"));
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[test]
+fn fuse_with_one_path_prints_the_usage_of_fuse() {
+    let o = bin(&["fuse".as_ref(), sample().as_os_str()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("fuse takes IN OUT"), "{err}");
+    assert!(
+        err.contains("Usage: onnx-repvgg fuse [OPTIONS] <IN OUT | IN...>..."),
+        "{err}"
+    );
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn a_missing_out_dir_is_one_error_before_any_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/dir");
+    let o = bin(&[
+        "fuse".as_ref(),
+        sample().as_os_str(),
+        testdata()
+            .join("models/tiny/ts_nofold_op17.onnx")
+            .as_os_str(),
+        dir.path().join("not-even-read.onnx").as_os_str(),
+        "--out-dir".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert_error(&o, "dir: output directory does not exist");
+    assert!(!stderr(&o).contains("not-even-read"));
+}
+
+/// Runs the binary with one environment variable set.
+fn with_env(args: &[&std::ffi::OsStr], name: &str, value: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_onnx-repvgg"))
+        .args(args)
+        .env(name, value)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_environment_values_are_usage_errors_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deploy.onnx");
+    let model = sample();
+    let fuse_args = ["fuse".as_ref(), model.as_os_str(), out.as_os_str()];
+    let inspect_args = ["inspect".as_ref(), "--int8".as_ref(), model.as_os_str()];
+    let bad = [
+        ("ONNX_REPVGG_THREADS", "abc"),
+        ("ONNX_REPVGG_THREADS", "0"),
+        ("ONNX_REPVGG_THREADS", "-2"),
+        ("ONNX_REPVGG_THREADS", "1.5"),
+        ("ONNX_REPVGG_THREADS", "100000"),
+        ("ONNX_REPVGG_MEMORY_LIMIT", "abc"),
+        ("ONNX_REPVGG_MEMORY_LIMIT", "512XB"),
+        ("ONNX_REPVGG_MEMORY_LIMIT", "-1M"),
+        ("ONNX_REPVGG_MEMORY_LIMIT", "0"),
+    ];
+    for (name, value) in bad {
+        for args in [&fuse_args[..], &inspect_args[..]] {
+            let o = with_env(args, name, value);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{name}={value}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.starts_with(&format!("onnx-repvgg: {name}=\"{value}\": ")),
+                "{err}"
+            );
+            assert!(o.stdout.is_empty());
+            assert!(files_in(dir.path()).is_empty(), "{name}={value}");
+        }
+    }
+    // Accepted units, and an empty value (unset).
+    for (name, value) in [
+        ("ONNX_REPVGG_MEMORY_LIMIT", "512MB"),
+        ("ONNX_REPVGG_MEMORY_LIMIT", "1.5GiB"),
+        ("ONNX_REPVGG_MEMORY_LIMIT", "2g"),
+        ("ONNX_REPVGG_MEMORY_LIMIT", ""),
+        ("ONNX_REPVGG_THREADS", "3"),
+        ("ONNX_REPVGG_THREADS", ""),
+    ] {
+        let o = with_env(&fuse_args, name, value);
+        assert_eq!(o.status.code(), Some(0), "{name}={value}: {}", stderr(&o));
+    }
+    // 1MiB is a size: accepted, and too small for this run (an error, not usage).
+    let o = with_env(&fuse_args, "ONNX_REPVGG_MEMORY_LIMIT", "1MiB");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("but only 1 MiB are available"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn files_that_are_no_onnx_model_say_so_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[u8], &str); 3] = [
+        (
+            "notes.txt",
+            b"these are my notes\nnot a model\n",
+            "(it is text)",
+        ),
+        (
+            "weights.npz",
+            b"PK\x03\x04\x14\x00\x00\x00\x00\x00arr_0.npy\x93NUMPY",
+            "(a ZIP archive, such as NumPy .npz or a PyTorch checkpoint)",
+        ),
+        (
+            "array.npy",
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'}",
+            "(a NumPy .npy array)",
+        ),
+    ];
+    for (name, bytes, what) in cases {
+        let input = dir.path().join(name);
+        std::fs::write(&input, bytes).unwrap();
+        for command in ["inspect", "dot"] {
+            let o = bin(&[command.as_ref(), input.as_os_str()]);
+            assert_error(&o, what);
+            let prefix = format!(
+                "onnx-repvgg: {}: not an ONNX model {what}: ",
+                input.display()
+            );
+            assert!(stderr(&o).starts_with(&prefix), "{}", stderr(&o));
+        }
+        let o = fuse(&input, &dir.path().join("out.onnx"), &[]);
+        assert_error(&o, &format!("not an ONNX model {what}: "));
+    }
+    assert_eq!(
+        files_in(dir.path()),
+        ["array.npy", "notes.txt", "weights.npz"]
+    );
+}
+
+#[test]
+fn batch_mode_fuses_one_input_at_a_time() {
+    // The second input is a named pipe: the tool blocks opening it until the test writes. By
+    // then the first input must be fused and reported, and no thread of the first fusion (nor
+    // a second fusion) may be running: one worker pool, one memory budget, input after input.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("second.onnx");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let out = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-repvgg"))
+        .args([
+            "fuse".as_ref(),
+            sample().as_os_str(),
+            fifo.as_os_str(),
+            "--out-dir".as_ref(),
+            out.path().as_os_str(),
+        ])
+        .env("ONNX_REPVGG_THREADS", "4")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout_pipe = child.stdout.take().unwrap();
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout_pipe).lines();
+        let first = lines.next();
+        let _ = send.send(first);
+        lines.count()
+    });
+    let first = receive
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the first input's report before the second input is read");
+    let first = first.unwrap().unwrap();
+    assert!(
+        first.contains("ts_fold_op17.onnx → ") && first.contains(": fused 7 blocks"),
+        "{first}"
+    );
+    // Blocked on the second input: the main thread alone (beside the one that waits for
+    // signals, to clean up after an interrupted run).
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+        .filter(|name| name.trim() != "signals")
+        .collect();
+    assert_eq!(
+        threads.len(),
+        1,
+        "threads while waiting for the second input: {threads:?}"
+    );
+    // The tool may fail on the pipe before all is written: that is no failure of the test.
+    let _ = std::fs::write(&fifo, std::fs::read(sample()).unwrap());
+    let status = child.wait().unwrap();
+    // A pipe cannot be mapped: the second input fails, the first one stands.
+    assert!(matches!(status.code(), Some(0 | 1)), "{status:?}");
+    assert!(out.path().join("ts_fold_op17.onnx").exists());
+}

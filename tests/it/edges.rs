@@ -628,3 +628,16 @@ fn an_invalid_model_is_an_error_naming_the_tensor_not_a_skip() {
         "{err}"
     );
 }
+
+#[test]
+fn verbose_output_says_when_a_fold_holds_for_the_declared_size_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = save(&uneven_pads(Some(32)), dir.path(), "in.onnx");
+    let run = fuse(&input, &dir.path().join("out.onnx"), &["-v"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stdout(&run).contains("for 32x32 inputs only"),
+        "{}",
+        stdout(&run)
+    );
+}

@@ -95,13 +95,15 @@ fn refused_family_blocks_say_why() {
         }
         assert!(run.status.success(), "{}", fx.label());
         let stdout = String::from_utf8_lossy(&run.stdout);
-        let skipped: Vec<&str> = stdout
+        // Candidates not fused are warnings on stderr, one line each, with the reason.
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        let skipped: Vec<&str> = stderr
             .lines()
-            .filter(|l| l.trim_start().starts_with("skipped "))
+            .filter(|l| l.starts_with("onnx-repvgg: warning: ") && l.contains(" not fused: "))
             .collect();
         assert!(
             !skipped.is_empty() && skipped.iter().all(|l| l.contains(words)),
-            "{}: {stdout}",
+            "{}: {stderr}",
             fx.label()
         );
         if summary_fused(&stdout) == 0 {

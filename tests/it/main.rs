@@ -15,4 +15,5 @@ mod hostile;
 mod layout;
 mod people;
 mod properties;
+mod readme;
 mod verify;

@@ -182,8 +182,31 @@ fn int8_statistics_match_those_of_pytorchs_own_fused_weights() {
         close("sqnr_per_channel_db", theirs.sqnr_per_channel_db, 1e-3);
         assert_eq!(ours["risky"], theirs.is_risky());
         risky += usize::from(theirs.is_risky());
+        // The advice follows both SQNRs: per-channel only where per-channel clears the bar.
+        let per_channel = theirs.sqnr_per_channel_db;
+        let advice = match (theirs.is_risky(), per_channel < 30.0) {
+            (false, _) => "ok",
+            (true, false) => "per-channel",
+            (true, true) => "keep-float",
+        };
+        assert_eq!(ours["advice"], advice, "{}", block["name"]);
+        assert_eq!(ours["risky_per_channel"], per_channel < 30.0);
     }
     assert_eq!(report["summary"]["int8_risky"], risky);
+    assert_eq!(report["summary"]["int8_risky_per_channel"], 0);
+    // Without --int8 nothing was measured: null, not 0.
+    let plain = json(&bin(&[
+        "inspect".as_ref(),
+        "--json".as_ref(),
+        tiny("ts_nofold_op17.onnx").as_os_str(),
+    ]));
+    assert!(
+        plain["summary"]["int8_risky"].is_null(),
+        "{}",
+        plain["summary"]
+    );
+    assert!(plain["summary"]["int8_risky_per_channel"].is_null());
+    assert!(plain["blocks"][0]["int8"].is_null());
     // The table says the same.
     let o = bin(&[
         "inspect".as_ref(),
@@ -329,7 +352,7 @@ fn models_flow_through_pipes() {
     let err = text(&o.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.starts_with("onnx-repvgg: <stdin>: not a valid ONNX model"),
+        err.starts_with("onnx-repvgg: <stdin>: not an ONNX model (it is text): "),
         "{err}"
     );
 
@@ -339,28 +362,357 @@ fn models_flow_through_pipes() {
         b"",
     );
     assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        text(&o.stderr).contains("cannot use external data"),
+        err.contains("dynamo_op18.onnx: the model keeps its tensors in external data")
+            && err.contains("standard output cannot carry a sidecar"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+
+    // inspect and dot read standard input as fuse does: the same output as from the file.
+    for command in ["inspect", "dot"] {
+        let from_file = bin(&[command.as_ref(), tiny("ts_fold_op17.onnx").as_os_str()]);
+        let from_stdin = piped(&[command, "-"], &training);
+        assert!(
+            from_stdin.status.success(),
+            "{command}: {}",
+            text(&from_stdin.stderr)
+        );
+        assert_eq!(
+            text(&from_stdin.stdout),
+            text(&from_file.stdout),
+            "{command}"
+        );
+        let o = piped(&[command, "-"], b"not a model at all");
+        assert_eq!(o.status.code(), Some(1), "{command}");
+        assert!(
+            text(&o.stderr).starts_with("onnx-repvgg: <stdin>: not an ONNX model (it is text): "),
+            "{command}: {}",
+            text(&o.stderr)
+        );
+    }
+    let report = piped(&["inspect", "--json", "--int8", "-"], &training);
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["summary"]["blocks"], 7);
+    assert!(report["summary"]["int8_risky"].is_number());
+
+    // A dry run of standard input.
+    let o = piped(&["fuse", "-n", "-"], &training);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).starts_with("<stdin> (dry run, nothing written): fused 7 blocks"),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
+#[test]
+fn training_mode_warnings_reach_stderr_through_pipes_too() {
+    let training = std::fs::read(tiny("ts_train_op17.onnx")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deploy.onnx");
+    let model = tiny("ts_train_op17.onnx");
+    let file_to_stdout = ["fuse", "--allow-training", model.to_str().unwrap(), "-"];
+    let stdin_to_file = ["fuse", "--allow-training", "-", out.to_str().unwrap()];
+    for (args, stdin) in [(&file_to_stdout, &b""[..]), (&stdin_to_file, &training[..])] {
+        let o = piped(args, stdin);
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(
+            err.lines().any(|l| l.starts_with("onnx-repvgg: warning: ")
+                && l.contains("folded 16 BatchNormalization nodes exported in training mode")),
+            "{args:?}: {err}"
+        );
+    }
+    // Without --allow-training it is an error, through pipes as well: nothing on stdout.
+    let o = piped(&["fuse", "-", "-"], &training);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    assert!(
+        text(&o.stderr).contains("training mode"),
         "{}",
         text(&o.stderr)
     );
 }
 
+/// Whether `program` can be run (`program version_flag` succeeds).
+fn has(program: &str, version_flag: &str) -> bool {
+    Command::new(program)
+        .arg(version_flag)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What bash offers when `words` are typed and TAB is pressed after the last one: the script
+/// is sourced into a real bash, and the function it registered for `onnx-repvgg` is called the
+/// way bash's programmable completion calls it (COMP_WORDS, COMP_CWORD, command, word,
+/// previous word).
+fn bash_completes(script: &Path, words: &[&str]) -> Vec<String> {
+    let driver = r#"
+source "$1"; shift
+COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}
+spec=$(complete -p onnx-repvgg) || exit 3
+fn=$(sed -E 's/.* -F ([^ ]+) .*/\1/' <<< "$spec")
+prev=""; (( COMP_CWORD > 0 )) && prev=${COMP_WORDS[COMP_CWORD-1]}
+"$fn" onnx-repvgg "${COMP_WORDS[COMP_CWORD]}" "$prev"
+printf '%s\n' "${COMPREPLY[@]}"
+"#;
+    let o = Command::new("bash")
+        .args(["--norc", "--noprofile", "-c", driver, "driver"])
+        .arg(script)
+        .args(words)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "bash: {}", text(&o.stderr));
+    text(&o.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 #[test]
-fn completions_and_man_page_come_from_the_cli_definition() {
-    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+fn bash_completes_options_past_the_subcommand() {
+    if !has("bash", "--version") {
+        eprintln!("SKIPPED bash_completes_options_past_the_subcommand: bash is not installed");
+        return;
+    }
+    let o = bin(&["completions".as_ref(), "bash".as_ref()]);
+    assert!(o.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("onnx-repvgg.bash");
+    std::fs::write(&script, &o.stdout).unwrap();
+
+    let top = bash_completes(&script, &["onnx-repvgg", ""]);
+    for word in ["fuse", "inspect", "dot", "completions", "man"] {
+        assert!(top.iter().any(|w| w == word), "{word} not in {top:?}");
+    }
+    let fuse = bash_completes(&script, &["onnx-repvgg", "fuse", "--"]);
+    for word in [
+        "--out-dir",
+        "--dry-run",
+        "--strict",
+        "--allow-training",
+        "--json",
+    ] {
+        assert!(fuse.iter().any(|w| w == word), "{word} not in {fuse:?}");
+    }
+    let mut inspect = bash_completes(&script, &["onnx-repvgg", "inspect", "m.onnx", "--i"]);
+    inspect.sort();
+    assert_eq!(inspect, ["--input-size", "--int8"]);
+    let dot = bash_completes(&script, &["onnx-repvgg", "dot", "--"]);
+    assert!(dot.iter().any(|w| w == "--block"), "{dot:?}");
+    let shells = bash_completes(&script, &["onnx-repvgg", "completions", ""]);
+    for shell in ["bash", "zsh", "fish"] {
+        assert!(
+            shells.iter().any(|w| w == shell),
+            "{shell} not in {shells:?}"
+        );
+    }
+
+    // The other shells' scripts come from the same definition.
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
         let o = bin(&["completions".as_ref(), shell.as_ref()]);
         assert!(o.status.success(), "{shell}");
         let script = text(&o.stdout);
-        for word in ["onnx-repvgg", "fuse", "inspect", "dry-run", "int8"] {
+        for word in [
+            "onnx-repvgg",
+            "fuse",
+            "inspect",
+            "dry-run",
+            "int8",
+            "strict",
+        ] {
             assert!(script.contains(word), "{shell} completion lacks {word}");
         }
     }
+}
+
+/// The long options `onnx-repvgg SUBCOMMAND --help` lists.
+fn long_options(subcommand: &str) -> Vec<String> {
+    let o = bin(&[subcommand.as_ref(), "--help".as_ref()]);
+    assert!(o.status.success(), "{subcommand}");
+    text(&o.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches([',', '.']).to_string())
+        .filter(|w| {
+            w.chars()
+                .skip(2)
+                .all(|c| c.is_ascii_lowercase() || c == '-')
+        })
+        .collect()
+}
+
+#[test]
+fn the_man_page_documents_every_subcommand_the_environment_and_exit_codes() {
     let o = bin(&["man".as_ref()]);
     assert!(o.status.success());
     let man = text(&o.stdout);
     assert!(man.contains(".TH onnx-repvgg 1"), "{man}");
-    assert!(man.contains("fuse") && man.contains("Exit codes"), "{man}");
+    // roff writes a hyphen in an option as \-.
+    let plain = man.replace("\\-", "-");
+    for subcommand in ["fuse", "inspect", "dot", "completions", "man"] {
+        assert!(
+            plain.contains(&format!(".SS \"onnx-repvgg {subcommand}")),
+            "no section for {subcommand}"
+        );
+        let options = long_options(subcommand);
+        assert!(
+            options.iter().any(|o| o == "--help"),
+            "{subcommand}: {options:?}"
+        );
+        for option in options {
+            assert!(
+                plain.contains(&option),
+                "man page lacks {subcommand} {option}"
+            );
+        }
+    }
+    for needle in [
+        ".SH ENVIRONMENT",
+        "ONNX_REPVGG_THREADS",
+        "ONNX_REPVGG_MEMORY_LIMIT",
+        ".SH \"EXIT STATUS\"",
+        "usage: bad arguments",
+    ] {
+        assert!(plain.contains(needle), "man page lacks {needle}");
+    }
+    // It names no page that does not exist (clap_mangen's own page refers to one per
+    // subcommand).
+    assert!(!plain.contains("onnx-repvgg-fuse(1)"), "{man}");
+
+    // The formatter reads it without a warning, where one is installed.
+    if !has("groff", "--version") {
+        eprintln!("SKIPPED the man page's groff check: groff is not installed");
+        return;
+    }
+    let mut child = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&o.stdout).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(text(&out.stderr), "", "groff warnings");
+    // Bold and underline are overstruck on a terminal: keep the last character of each.
+    let mut page = String::new();
+    for c in text(&out.stdout).chars() {
+        match c {
+            '\x08' => {
+                page.pop();
+            }
+            c => page.push(c),
+        }
+    }
+    for needle in [
+        "EXIT STATUS",
+        "--out-dir",
+        "ONNX_REPVGG_MEMORY_LIMIT",
+        "before → after",
+    ] {
+        assert!(
+            page.contains(needle),
+            "rendered page lacks {needle}: {page}"
+        );
+    }
+}
+
+#[test]
+fn the_help_documents_the_environment_and_exit_codes() {
+    let o = bin(&["--help".as_ref()]);
+    assert!(o.status.success());
+    let help = text(&o.stdout);
+    for needle in [
+        "ONNX_REPVGG_THREADS",
+        "ONNX_REPVGG_MEMORY_LIMIT",
+        "Exit codes",
+        "0  success",
+        "2  usage",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}: {help}");
+    }
+}
+
+/// Runs `dot` on the sample model into `name` in a fresh folder.
+fn dot_into(name: &str) -> (std::process::Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = bin(&[
+        "dot".as_ref(),
+        tiny("ts_nofold_op17.onnx").as_os_str(),
+        "-o".as_ref(),
+        dir.path().join(name).as_os_str(),
+    ]);
+    (o, dir)
+}
+
+#[test]
+fn dot_writes_the_format_the_file_extension_names_or_refuses() {
+    // DOT text without Graphviz: .dot and .gv.
+    for name in ["m.dot", "m.gv"] {
+        let (o, dir) = dot_into(name);
+        assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+        let written = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert!(written.starts_with("digraph {"), "{name}");
+    }
+    // No extension: refused before any work (usage, exit 2), nothing written.
+    let (o, dir) = dot_into("picture");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("name the output format by the file's extension"));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    if !has("dot", "-V") {
+        eprintln!(
+            "SKIPPED dot_writes_the_format_the_file_extension_names_or_refuses (rendering): \
+             Graphviz is not installed"
+        );
+        let (o, dir) = dot_into("m.png");
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            text(&o.stderr).contains("install Graphviz"),
+            "{}",
+            text(&o.stderr)
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        return;
+    }
+    // Every format renders as that format, never as DOT text under another name.
+    let magic: &[(&str, &[u8])] = &[
+        ("m.svg", b"<?xml"),
+        ("m.png", b"\x89PNG"),
+        ("m.PDF", b"%PDF"),
+        ("m.jpg", b"\xff\xd8\xff"),
+        ("m.gif", b"GIF8"),
+        ("m.ps", b"%!PS"),
+    ];
+    for (name, magic) in magic {
+        let (o, dir) = dot_into(name);
+        assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+        let written = std::fs::read(dir.path().join(name)).unwrap();
+        assert!(
+            written.starts_with(magic),
+            "{name}: {:?}",
+            &written[..16.min(written.len())]
+        );
+    }
+    // An extension Graphviz does not know: usage error, the known ones listed, nothing written.
+    let (o, dir) = dot_into("m.xyz");
+    assert_eq!(o.status.code(), Some(2));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("Graphviz cannot write .xyz files; it knows: ") && err.contains("png"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]
