@@ -17,7 +17,7 @@ type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 /// Training-structure exports (parallel Conv+BatchNormalization branches and an identity, summed
 /// by Add) become the deploy structure: one Conv with bias per block, the same outputs.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version = VERSION, about, long_about)]
 #[command(
     after_help = "Examples:\n  onnx-repvgg fuse train.onnx deploy.onnx\n  onnx-repvgg fuse -v train.onnx deploy.onnx\n  onnx-repvgg fuse --dry-run train.onnx\n  onnx-repvgg inspect train.onnx\n  onnx-repvgg dot train.onnx --block stage1.0 -o block.svg\n  onnx-repvgg completions bash > /etc/bash_completion.d/onnx-repvgg\n\nExit codes: 0 success, 1 error, 2 usage."
 )]
@@ -130,6 +130,10 @@ enum Command {
     Man,
 }
 
+/// What `--version` prints after the name: the crate version and, when built from a git
+/// checkout, the commit (`0.1.0 (abc1234)`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), env!("ONNX_REPVGG_COMMIT"));
+
 /// The whole command line, as the `onnx-repvgg` binary (and the Python package's command) runs
 /// it: parses `args` (the program name first), runs the command, prints an error once on
 /// stderr, and returns the exit code: 0 success, 1 error, 2 usage.
@@ -157,6 +161,22 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
     }
 }
 
+/// glibc returns every freed block over 128 KiB to the kernel at once (unmapped, or trimmed off
+/// the heap), so each new buffer of a fold is faulted in and zeroed page by page again: about a
+/// third of the system time on big models. Keeping freed memory for reuse costs nothing here,
+/// since the buffers are the same size run after run. For processes that run the command line:
+/// the binary, and the Python package's `onnx-repvgg` (not its library functions, which run
+/// inside someone else's program).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; glibc takes the main arena's lock for it,
+    // so other threads (the Python interpreter's) may be allocating meanwhile.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// Runs one command.
 pub fn run(args: Args) -> Result<()> {
     let mut out = String::new();
@@ -179,6 +199,7 @@ pub fn run(args: Args) -> Result<()> {
                 verify: !no_verify,
                 tolerance,
                 sync,
+                strict: false,
             };
             let jobs = jobs(paths, out_dir, dry_run)?;
             if let [job] = jobs.as_slice()

@@ -41,6 +41,9 @@ pub enum Error {
     /// The run would need more memory than is available (see [`crate::memory`]).
     #[error("not enough memory: {0}")]
     Resources(String),
+    /// `strict` was asked for and some candidate blocks cannot be fused.
+    #[error("strict: {0}")]
+    Strict(String),
     /// An error about one input file, with the file named.
     #[error("{}: {error}", path.display())]
     InFile { path: PathBuf, error: Box<Error> },

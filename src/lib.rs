@@ -66,6 +66,8 @@ pub struct Options {
     /// survives a power cut. Off by default, as with `cp`: the output still appears atomically
     /// (whole or not at all) to every other program, and the input is never written.
     pub sync: bool,
+    /// Fail, writing nothing, when any candidate block is not fused.
+    pub strict: bool,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             verify: true,
             tolerance: None,
             sync: false,
+            strict: false,
         }
     }
 }
@@ -165,14 +168,19 @@ pub fn fuse_model_named(
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn inspect_model(bytes: &[u8], options: Options) -> Result<InspectReport> {
-    let name = Path::new(IN_MEMORY);
-    let model = Model::from_bytes(name, Bytes::copy_from_slice(bytes), None)
-        .map_err(|e| e.in_file(name))?;
     let options = InspectOptions {
         allow_training_bn: options.allow_training_bn,
         ..InspectOptions::default()
     };
-    inspect(&model, &options).map_err(|e| e.in_file(name))
+    inspect_model_with(bytes, &options)
+}
+
+/// [`inspect_file_with`] for a model held in memory.
+pub fn inspect_model_with(bytes: &[u8], options: &InspectOptions) -> Result<InspectReport> {
+    let name = Path::new(IN_MEMORY);
+    let model = Model::from_bytes(name, Bytes::copy_from_slice(bytes), None)
+        .map_err(|e| e.in_file(name))?;
+    inspect(&model, options).map_err(|e| e.in_file(name))
 }
 
 /// Where a fusion's output goes.
@@ -197,6 +205,16 @@ fn fuse(
     let start = Instant::now();
     let index = GraphIndex::new(model)?;
     let analysis = plan::analyse(&index, options.fold())?;
+    if options.strict
+        && let Some(first) = analysis.skipped.first()
+    {
+        return Err(Error::Strict(format!(
+            "{} candidate block(s) not fused, nothing written; {}: {}",
+            analysis.skipped.len(),
+            first.name,
+            first.reason.as_deref().unwrap_or("not fusable")
+        )));
+    }
     let patch = rewrite::build(&index, &analysis.plans);
     let output = match &target {
         Target::File { output, .. } => Some(*output),
