@@ -29,6 +29,8 @@ pub mod onnx;
 pub mod pattern;
 pub mod plan;
 pub mod producer;
+#[cfg(feature = "python")]
+mod python;
 pub mod quant;
 pub mod recipe;
 pub mod report;
