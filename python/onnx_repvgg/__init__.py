@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union, overload
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union, overload
 
 from . import _native
 from ._native import Error, __version__
@@ -213,13 +213,13 @@ def _fuse_options(
     }
 
 
-def _input_size(size: Any) -> Optional[Sequence[int]]:
+def _input_size(size: Any) -> Optional[List[int]]:
     """``224``, ``"320x256"`` or ``(320, 256)`` as a list of positive sizes."""
     if size is None:
         return None
+    parts: List[Any]
     if isinstance(size, str):
-        parts: Any = [p.strip() for p in size.split("x")]
-        parts = [int(p) if p.isdigit() else None for p in parts]
+        parts = [int(p) if p.strip().isdecimal() else None for p in size.split("x")]
     elif isinstance(size, int):
         parts = [size]
     else:
@@ -227,11 +227,10 @@ def _input_size(size: Any) -> Optional[Sequence[int]]:
             parts = list(size)
         except TypeError:
             parts = [None]
-    if not parts or not all(
-        isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in parts
-    ):
+    valid = [isinstance(p, int) and not isinstance(p, bool) and 0 < p < 2**64 for p in parts]
+    if not parts or not all(valid):
         raise Error(f"input_size: '{size}' is not a size like 224 or 320x256")
-    return parts
+    return [int(p) for p in parts]
 
 
 def _report(text: str) -> Report:

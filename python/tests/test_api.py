@@ -261,7 +261,7 @@ def test_inspect_options():
     assert cli["blocks"][0]["int8"] is not None
     square = onnx_repvgg.inspect(INLINE, input_size=64)
     assert square["summary"]["input_shape"] == [1, 3, 64, 64]
-    for bad in (0, -3, "64x", "axb", (64, 0), [], True, 2.5):
+    for bad in (0, -3, "64x", "axb", "²", (64, 0), [], True, 2.5, 2**64, ""):
         with pytest.raises(onnx_repvgg.Error, match="input_size"):
             onnx_repvgg.inspect(INLINE, input_size=bad)
 
