@@ -24,6 +24,12 @@ fn commit() -> Option<String> {
     let root = std::env::var_os("CARGO_MANIFEST_DIR")?;
     // `.git` is a folder in a clone and a file in a worktree; neither is in a package.
     if !Path::new(&root).join(".git").exists() {
+        // `cargo package` verifies the package in the checkout's target folder, where its
+        // output (no commit) would then stand for the checkout's too. The relative path exists
+        // in every package and never in a checkout, where cargo runs this script again.
+        if Path::new(&root).join("Cargo.toml.orig").exists() {
+            println!("cargo:rerun-if-changed=Cargo.toml.orig");
+        }
         return None;
     }
     let git = |args: &[&str]| -> Option<String> {
