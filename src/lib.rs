@@ -47,6 +47,8 @@ pub mod patch;
 pub mod pattern;
 pub mod plan;
 pub mod producer;
+#[cfg(feature = "python")]
+mod python;
 pub mod quant;
 pub mod recipe;
 pub mod report;
@@ -187,14 +189,17 @@ pub fn fuse_model_named(
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn inspect_model(bytes: &[u8], options: Options) -> Result<InspectReport> {
-    let name = Path::new(IN_MEMORY);
-    let model = Model::from_bytes(name, Bytes::copy_from_slice(bytes), None)
-        .map_err(|e| e.in_file(name))?;
     let options = InspectOptions {
         allow_training_bn: options.allow_training_bn,
         ..InspectOptions::default()
     };
-    inspect::inspect(&model, &options).map_err(|e| e.in_file(name))
+    inspect_model_with(bytes, &options)
+}
+
+/// [`inspect_file_with`] for a model held in memory.
+pub fn inspect_model_with(bytes: &[u8], options: &InspectOptions) -> Result<InspectReport> {
+    let name = Path::new(IN_MEMORY);
+    inspect_model_named(Bytes::copy_from_slice(bytes), name, options)
 }
 
 /// [`inspect_file_with`] for a model held in memory, naming it `name` in errors (the CLI says

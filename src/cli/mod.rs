@@ -64,7 +64,7 @@ const EXIT_CODES: &[(&str, &str)] = &[
 /// Training-structure exports (parallel Conv+BatchNormalization branches and an identity, summed
 /// by Add) become the deploy structure: one Conv with bias per block, the same outputs.
 #[derive(Debug, Parser)]
-#[command(name = NAME, version, about, long_about, after_help = after_help())]
+#[command(name = NAME, version = VERSION, about, long_about, after_help = after_help())]
 pub struct Args {
     #[command(subcommand)]
     command: Command,
@@ -200,6 +200,26 @@ fn environment_error(error: &crate::Error) -> String {
 }
 
 type Result<T, E = Failure> = std::result::Result<T, E>;
+
+/// What `--version` prints after the name: the crate version and, when built from a git
+/// checkout, the commit (`0.1.0 (abc1234)`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), env!("ONNX_REPVGG_COMMIT"));
+
+/// glibc returns every freed block over 128 KiB to the kernel at once (unmapped, or trimmed off
+/// the heap), so each new buffer of a fold is faulted in and zeroed page by page again: about a
+/// third of the system time on big models. Keeping freed memory for reuse costs nothing here,
+/// since the buffers are the same size run after run. For processes that run the command line:
+/// the binary, and the Python package's `onnx-repvgg` (not its library functions, which run
+/// inside someone else's program).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; glibc takes the main arena's lock for it,
+    // so other threads (the Python interpreter's) may be allocating meanwhile.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
 
 /// The whole command line, as the `onnx-repvgg` binary (and the Python package's command) runs
 /// it: parses `args` (the program name first), runs the command, prints an error once on
