@@ -25,6 +25,7 @@ from conftest import (
     ROOT,
     TINY_BLOCKS,
     TRAINING,
+    UNFOLDABLE,
     assert_matches_pytorch,
     op_counts,
     run,
@@ -155,17 +156,13 @@ def test_fuse_options():
     assert report["summary"]["fused"] == TINY_BLOCKS
 
 
-def test_training_mode_is_refused_unless_allowed(tmp_path):
+def test_training_mode_is_an_error_unless_allowed(tmp_path):
     data = TRAINING.read_bytes()
-    deploy, report = onnx_repvgg.fuse(data)
-    assert report["summary"]["fused"] == 0
-    assert len(report["skipped"]) == TINY_BLOCKS
-    assert all("training mode" in b["reason"] for b in report["skipped"])
-    with pytest.raises(onnx_repvgg.Error, match="strict"):
-        onnx_repvgg.fuse(data, strict=True)
+    with pytest.raises(onnx_repvgg.Error, match="training mode"):
+        onnx_repvgg.fuse(data)
     out = tmp_path / "out.onnx"
-    with pytest.raises(onnx_repvgg.Error, match="strict"):
-        onnx_repvgg.fuse_file(TRAINING, out, strict=True)
+    with pytest.raises(onnx_repvgg.Error, match="training mode"):
+        onnx_repvgg.fuse_file(TRAINING, out)
     assert not out.exists()
     with pytest.warns(UserWarning, match="training mode"):
         _, report = onnx_repvgg.fuse(data, allow_training=True)
@@ -174,6 +171,21 @@ def test_training_mode_is_refused_unless_allowed(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         onnx_repvgg.fuse(INLINE.read_bytes())
+
+
+def test_strict_fails_when_a_candidate_is_not_fused(tmp_path):
+    # QARepVGGv2 with count_include_pad=0: its blocks cannot fold (not a convolution at the
+    # borders); without strict they are reported as skipped, with it nothing is written.
+    data = UNFOLDABLE.read_bytes()
+    deploy, report = onnx_repvgg.fuse(data)
+    assert report["summary"]["skipped"] > 0
+    assert all("count_include_pad" in b["reason"] for b in report["skipped"])
+    with pytest.raises(onnx_repvgg.Error, match="strict"):
+        onnx_repvgg.fuse(data, strict=True)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(onnx_repvgg.Error, match="strict"):
+        onnx_repvgg.fuse_file(UNFOLDABLE, out, strict=True)
+    assert not out.exists()
 
 
 # --- fuse_file ---------------------------------------------------------------------------------
