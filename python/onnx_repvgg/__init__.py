@@ -91,8 +91,8 @@ def fuse(
 
     - ``verify``: check every fused block against its original subgraph (``--no-verify``).
     - ``allow_training``: fold BatchNormalization exported in training mode with its running
-      statistics, with a :class:`UserWarning` (``--allow-training``); otherwise such blocks are
-      skipped with the reason.
+      statistics, with a :class:`UserWarning` (``--allow-training``); otherwise such a block is
+      an :class:`Error` naming it, and nothing is written.
     - ``tolerance``: the largest accepted relative deviation (``--tolerance``); by default it
       depends on the weights' type.
     - ``strict``: raise :class:`Error` when any candidate block is not fused.
