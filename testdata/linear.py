@@ -731,7 +731,7 @@ def make_form(form, model, deploy, x, x_train, path):
     else:
         fam.make_form(form, model, deploy, x, x_train, path)
     # The dynamo exporter writes an empty .onnx.data when every tensor is small enough to stay
-    # inline (reshape_mix): drop it, nothing refers to it.
+    # inline (none of the current models): drop it, nothing refers to it.
     data = path + ".data"
     if os.path.exists(data) and os.path.getsize(data) == 0:
         assert not common.uses_external_data(path)
