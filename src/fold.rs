@@ -511,7 +511,7 @@ pub fn is_training_bn(index: &Constants, i: usize) -> bool {
 }
 
 /// `t = γ / sqrt(σ² + ε)` and `β − μ·t` of an inference-mode BatchNormalization.
-fn bn_scale_shift(
+pub(crate) fn bn_scale_shift(
     index: &Constants,
     i: usize,
     channels: usize,

@@ -10,7 +10,7 @@ use crate::graph::GraphIndex;
 use crate::onnx::Model;
 use crate::onnx::splice::{self, DataLayout, PROTOBUF_LIMIT};
 use crate::patch::Patch;
-use crate::plan::{self, Analysis, SkipKind};
+use crate::plan::{self, Analysis, Plan, SkipKind};
 use crate::report::{self, FuseReport};
 use crate::writer::{self, Job, Layout, Settings, Target};
 use crate::{Options, memory, rewrite};
@@ -26,14 +26,15 @@ pub(crate) fn fuse(
     let graph = GraphIndex::new(model)?;
     let index = Constants::new(&graph);
     let analysis = plan::analyse(&index, options.fold())?;
-    refuse(&analysis, options.strict)?;
-    let patch = rewrite::build(&index, &analysis.plans);
+    refuse(&index, &analysis, options.strict)?;
+    let patch = rewrite::build(&index, &analysis);
+    let plans = analysis.all();
     let layout = lay_out(model, &patch, &target)?;
-    check_memory(&index, &analysis, &layout, &target)?;
+    check_memory(&index, &plans, &layout, &target)?;
     let job = Job {
         index: &index,
         model,
-        plans: &analysis.plans,
+        plans: &plans,
         patch: &patch,
         layout: &layout,
     };
@@ -54,11 +55,17 @@ pub(crate) fn fuse(
 
 /// A candidate block with a BatchNormalization in training mode is an error (unless allowed,
 /// when it is planned like any other); with `strict`, so is any candidate left unfused.
-fn refuse(analysis: &Analysis, strict: bool) -> Result<()> {
+fn refuse(index: &Constants, analysis: &Analysis, strict: bool) -> Result<()> {
     if let Some(training) = analysis.skipped_of(SkipKind::Training).next() {
         return Err(Error::Training {
             block: training.name.clone(),
             reason: training.reason.clone(),
+        });
+    }
+    if let Some((n, reason)) = analysis.linear.training.first() {
+        return Err(Error::Training {
+            block: index.node(*n).name().to_string(),
+            reason: reason.clone(),
         });
     }
     let unfoldable = analysis.skipped_of(SkipKind::Unfoldable);
@@ -97,16 +104,11 @@ fn lay_out(model: &Model, patch: &Patch, target: &Target) -> Result<Layout> {
 }
 
 /// Refuses a run that would not fit in the memory available (see [`crate::memory`]).
-fn check_memory(
-    index: &Constants,
-    analysis: &Analysis,
-    layout: &Layout,
-    target: &Target,
-) -> Result<()> {
+fn check_memory(index: &Constants, plans: &[Plan], layout: &Layout, target: &Target) -> Result<()> {
     let in_memory = match target {
         Target::Memory(_) => layout.output.model_len,
         _ => 0,
     };
-    let working = memory::working_memory(index, &analysis.plans);
+    let working = memory::working_memory(index, plans);
     memory::check(memory::BASELINE + working + in_memory, "fusing this model")
 }

@@ -6,7 +6,7 @@ use crate::constant::Constants;
 use crate::error::Result;
 use crate::graph::GraphIndex;
 use crate::onnx::Model;
-use crate::plan::{self, Analysis};
+use crate::plan::{self, Analysis, Plan};
 use crate::report::{self, InspectReport, Inspected};
 use crate::shapes::Shapes;
 use crate::{InspectOptions, cost, fold, memory, producer, quant, tensor};
@@ -64,8 +64,9 @@ fn input_shapes(index: &Constants, stated: Option<&[usize]>) -> Shapes {
 fn int8(index: &Constants, analysis: &Analysis, planned: &mut [Inspected]) -> Result<()> {
     let weights = |p: &plan::BlockPlan| p.layout.weight_dims().iter().product::<usize>();
     let largest = analysis.plans.iter().map(weights).max().unwrap_or(0) as u64 * 8;
+    let plans: Vec<Plan> = analysis.plans.iter().map(Plan::Conv).collect();
     memory::check(
-        memory::BASELINE + memory::working_memory(index, &analysis.plans) + largest,
+        memory::BASELINE + memory::working_memory(index, &plans) + largest,
         "computing the INT8 statistics of this model",
     )?;
     for (plan, found) in analysis.plans.iter().zip(planned) {
@@ -74,7 +75,7 @@ fn int8(index: &Constants, analysis: &Analysis, planned: &mut [Inspected]) -> Re
             tensor::decode_into(bytes, plan.dtype, &mut values);
             Ok(())
         };
-        producer::fold_block(index, plan, &mut decode, &[])?;
+        producer::fold_block(index, Plan::Conv(plan), &mut decode, &[])?;
         found.int8 = Some(quant::Int8Stats::of(&values, plan.layout.out_channels));
         index.model.release_pages();
     }

@@ -10,7 +10,7 @@
 
 use crate::constant::Constants;
 use crate::error::{Error, Result};
-use crate::plan::BlockPlan;
+use crate::plan::Plan;
 
 /// Memory a run needs whatever the model: code, index, buffers.
 pub const BASELINE: u64 = 32 << 20;
@@ -71,18 +71,26 @@ pub fn check(need: u64, what: &str) -> Result<()> {
 /// ahead of the writer and those being folded), each worker's row buffers (at most a row each),
 /// the sampled rows of up to three blocks as written (the check decodes one row at a time) and,
 /// for tensors stored as typed fields rather than raw bytes, their values decoded whole.
-pub fn working_memory(index: &Constants, plans: &[BlockPlan]) -> u64 {
+pub fn working_memory(index: &Constants, plans: &[Plan]) -> u64 {
     let threads = crate::producer::workers() as u64;
-    let block = |p: &BlockPlan| {
-        let row = p.layout.weight_dims()[1..].iter().product::<usize>() as u64;
-        let chunk = row.max(crate::producer::CHUNK_ELEMENTS as u64) * p.dtype.size() as u64;
+    let block = |p: &Plan| {
+        let dims = p.weight_dims();
+        let size = p.dtype().size() as u64;
+        let row = dims[1..].iter().product::<usize>() as u64;
+        let chunk = row.max(crate::producer::CHUNK_ELEMENTS as u64) * size;
         let in_flight = (crate::producer::AHEAD_PER_WORKER as u64 + 1) * threads * chunk;
         let rows = threads * 2 * row * 8;
-        let sampled =
-            crate::verify::sample(&p.layout, &p.name).len() as u64 * row * p.dtype.size() as u64;
+        let sampled = match p {
+            Plan::Conv(p) => crate::verify::sample(&p.layout, &p.name).len() as u64,
+            // A linear fold is checked whole, every value in f64 (its input and output too).
+            Plan::Linear(p) => {
+                dims[0] as u64 * (1 + 8 / size)
+                    + 4 * p.source_shape.iter().product::<usize>() as u64 / row.max(1)
+            }
+        } * row
+            * size;
         let checked = 3 * sampled + row * 8;
         let typed = p
-            .block
             .nodes()
             .iter()
             .flat_map(|&n| &index.node(n).input)

@@ -13,7 +13,18 @@ use crate::pattern::Block;
 
 /// The block's module path, or a readable fallback.
 pub fn block_name(index: &GraphIndex, block: &Block) -> String {
-    let nodes: Vec<&NodeProto> = block.nodes().into_iter().map(|n| index.node(n)).collect();
+    let params = from_parameter_names(index, block);
+    named(index, &block.nodes(), block.root, params)
+}
+
+/// The module path the nodes `nodes` share, or the name of node `root` (a fold named after the
+/// operator it rewrites).
+pub fn nodes_name(index: &GraphIndex, nodes: &[usize], root: usize) -> String {
+    named(index, nodes, root, None)
+}
+
+fn named(index: &GraphIndex, nodes: &[usize], root: usize, params: Option<String>) -> String {
+    let nodes: Vec<&NodeProto> = nodes.iter().map(|&n| index.node(n)).collect();
     let scopes: Option<Vec<Vec<String>>> = nodes
         .iter()
         .map(|n| attr::metadata(n, "pkg.torch.onnx.name_scopes").and_then(from_name_scopes))
@@ -28,10 +39,10 @@ pub fn block_name(index: &GraphIndex, block: &Block) -> String {
     if let Some(path) = scoped.and_then(|s| common_module(&s)) {
         return path;
     }
-    if let Some(path) = from_parameter_names(index, block) {
+    if let Some(path) = params {
         return path;
     }
-    let root = index.node(block.root);
+    let root = index.node(root);
     if !root.name().is_empty() {
         return root.name().to_string();
     }

@@ -11,8 +11,9 @@ use crate::tensor::FloatType;
 /// The changes to a model's main graph.
 #[derive(Debug, Default)]
 pub struct Patch {
-    /// Node index → the node written in its place.
-    pub replaced: HashMap<usize, NodeProto>,
+    /// Node index → the nodes written in its place (a fused node, a kept node reading another
+    /// value, or a MatMul and its bias Add).
+    pub replaced: HashMap<usize, Vec<NodeProto>>,
     /// Nodes dropped without replacement.
     pub removed_nodes: HashSet<usize>,
     pub removed_initializers: HashSet<usize>,

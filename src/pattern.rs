@@ -420,6 +420,9 @@ const LINEAR: &[&str] = &[
     "Where",
 ];
 
+/// Operators linear in each input only while the others are constants.
+const PRODUCTS: &[&str] = &["Conv", "ConvTranspose", "Div", "Gemm", "MatMul", "Mul"];
+
 /// Whether `value` is computed from `x` within a few dozen steps upstream, through
 /// [`LINEAR`] operators only.
 fn descends_linearly(index: &Constants, value: &str, x: &str) -> bool {
@@ -438,7 +441,14 @@ fn descends_linearly(index: &Constants, value: &str, x: &str) -> bool {
                 continue;
             };
             let node = index.node(p);
-            if is_default_domain(node) && LINEAR.contains(&node.op_type()) {
+            // A product of two values that both vary (GELU's `x·Φ(x)`, attention) is no
+            // linear function of either.
+            let varying = || {
+                let data = node.input.iter().filter(|i| !i.is_empty());
+                data.filter(|i| index.constant(i).is_none()).count()
+            };
+            let product = PRODUCTS.contains(&node.op_type()) && varying() > 1;
+            if is_default_domain(node) && LINEAR.contains(&node.op_type()) && !product {
                 next.extend(
                     node.input
                         .iter()

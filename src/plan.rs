@@ -5,8 +5,11 @@
 
 use crate::constant::Constants;
 use crate::error::Result;
+use std::collections::HashSet;
+
 use crate::fold::{self, FoldError, FoldOptions};
 use crate::layout::Layout;
+use crate::linear::{self, LinearAnalysis, LinearPlan};
 use crate::naming::{self, NamePool};
 use crate::pattern::{self, Block, Refusal};
 use crate::shapes::Shapes;
@@ -75,9 +78,73 @@ pub struct Skipped {
 pub struct Analysis {
     pub plans: Vec<BlockPlan>,
     pub skipped: Vec<Skipped>,
+    /// Scales folded into linear operators beside them (after the convolution blocks).
+    pub linear: LinearAnalysis,
+}
+
+/// A plan as the writer sees it: a convolution block, or a linear fold.
+#[derive(Debug, Clone, Copy)]
+pub enum Plan<'a> {
+    Conv(&'a BlockPlan),
+    Linear(&'a LinearPlan),
+}
+
+impl<'a> Plan<'a> {
+    pub fn name(&self) -> &'a str {
+        match self {
+            Plan::Conv(p) => &p.name,
+            Plan::Linear(p) => &p.name,
+        }
+    }
+
+    /// The fused node's name (its tensors are `{node_name}.weight` and `.bias`).
+    pub fn node_name(&self) -> &'a str {
+        match self {
+            Plan::Conv(p) => &p.node_name,
+            Plan::Linear(p) => &p.node_name,
+        }
+    }
+
+    pub fn dtype(&self) -> FloatType {
+        match self {
+            Plan::Conv(p) => p.dtype,
+            Plan::Linear(p) => p.dtype,
+        }
+    }
+
+    /// The fused weight's dims.
+    pub fn weight_dims(&self) -> Vec<usize> {
+        match self {
+            Plan::Conv(p) => p.layout.weight_dims(),
+            Plan::Linear(p) => p.weight_dims.clone(),
+        }
+    }
+
+    /// The fused bias's length: the output channels or features.
+    pub fn outputs(&self) -> usize {
+        match self {
+            Plan::Conv(p) => p.layout.out_channels,
+            Plan::Linear(p) => p.out_features,
+        }
+    }
+
+    /// The nodes whose tensors the fold reads.
+    pub fn nodes(&self) -> Vec<usize> {
+        match self {
+            Plan::Conv(p) => p.block.nodes(),
+            Plan::Linear(p) => p.heads.iter().map(|h| h.node).collect(),
+        }
+    }
 }
 
 impl Analysis {
+    /// Every plan: the convolution blocks, then the linear folds.
+    pub fn all(&self) -> Vec<Plan<'_>> {
+        let conv = self.plans.iter().map(Plan::Conv);
+        conv.chain(self.linear.plans.iter().map(Plan::Linear))
+            .collect()
+    }
+
     /// Every block found, planned or skipped, in graph order: its tree, its name and whether it
     /// is planned.
     pub fn blocks(&self) -> Vec<(&Block, &str, bool)> {
@@ -142,14 +209,35 @@ pub fn analyse(index: &Constants, options: FoldOptions) -> Result<Analysis> {
             }),
         }
     }
+    // Then the scales beside linear operators, on what the blocks left.
+    let claimed: HashSet<usize> = analysis
+        .plans
+        .iter()
+        .flat_map(|p| p.block.nodes())
+        .collect();
+    analysis.linear = linear::analyse(index, &shapes, &claimed, options)?;
+    for plan in &mut analysis.linear.plans {
+        plan.node_name = pool.claim(
+            &format!("{}.fused", plan.name),
+            &[".weight", ".bias", ".matmul"],
+        );
+    }
     Ok(analysis)
 }
 
-/// BatchNormalization nodes in training mode among the planned blocks.
-pub fn training_bns(index: &Constants, plans: &[BlockPlan]) -> usize {
-    plans
+/// BatchNormalization nodes in training mode among the planned blocks and folds.
+pub fn training_bns(index: &Constants, analysis: &Analysis) -> usize {
+    let blocks = analysis.plans.iter().flat_map(|p| p.block.nodes());
+    let linear = analysis
+        .linear
+        .plans
         .iter()
-        .flat_map(|p| p.block.nodes())
+        .flat_map(|p| p.bns.iter().copied());
+    let mut nodes: Vec<usize> = blocks.chain(linear).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
+        .into_iter()
         .filter(|&n| {
             index.node(n).op_type() == "BatchNormalization" && fold::is_training_bn(index, n)
         })

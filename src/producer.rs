@@ -11,7 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use crate::constant::Constants;
 use crate::error::{Error, Result};
 use crate::fold::{self, FoldError};
-use crate::plan::BlockPlan;
+use crate::plan::Plan;
+use crate::recipe::scaled::Scaled;
 use crate::recipe::{Recipe, Rounding};
 use crate::tensor::{self, FloatType};
 
@@ -31,10 +32,54 @@ struct Task {
     rows: Range<usize>,
 }
 
-/// A block's recipe, built by the first worker that needs it and dropped once it is written.
+/// How a plan's fused weight is computed, row by row: a convolution block's [`Recipe`], or a
+/// linear fold's [`Scaled`] weights.
+pub enum Kernel {
+    Conv(Recipe),
+    Scaled(Scaled),
+}
+
+impl Kernel {
+    fn row_len(&self) -> usize {
+        match self {
+            Kernel::Conv(r) => r.row_len(),
+            Kernel::Scaled(s) => s.row_len(),
+        }
+    }
+
+    fn bias(&self) -> &[f64] {
+        match self {
+            Kernel::Conv(r) => &r.bias,
+            Kernel::Scaled(s) => &s.bias,
+        }
+    }
+
+    fn encode_rows(
+        &self,
+        rows: Range<usize>,
+        ty: FloatType,
+        out: &mut [u8],
+        acc: &mut Vec<f64>,
+        scratch: &mut Vec<f64>,
+    ) -> Rounding {
+        match self {
+            Kernel::Conv(r) => r.encode_rows(rows, ty, out, acc, scratch),
+            Kernel::Scaled(s) => s.encode_rows(rows, ty, out, acc, scratch),
+        }
+    }
+
+    fn stored_rows(&self, rows: Range<usize>) -> Vec<&[u8]> {
+        match self {
+            Kernel::Conv(r) => r.stored_rows(rows).collect(),
+            Kernel::Scaled(s) => s.stored_rows(rows).collect(),
+        }
+    }
+}
+
+/// A block's kernel, built by the first worker that needs it and dropped once it is written.
 enum Slot {
     Empty,
-    Ready(Arc<Recipe>),
+    Ready(Arc<Kernel>),
     /// The fold failed (the error, until the writer takes it).
     Failed(Option<Error>),
     Done,
@@ -56,7 +101,7 @@ struct State {
 /// The folding of `plans` for one output (see the module docs).
 pub struct Producer<'a, 'm> {
     index: &'a Constants<'a, 'm>,
-    plans: &'a [BlockPlan],
+    plans: &'a [Plan<'a>],
     /// Indices into `plans`, in the order the writer asks for them.
     order: Vec<usize>,
     tasks: Vec<Task>,
@@ -93,7 +138,7 @@ impl<'a, 'm> Producer<'a, 'm> {
     /// [`Producer::write_block`], in that order; returns what `writer` returns.
     pub fn run<R>(
         index: &'a Constants<'a, 'm>,
-        plans: &'a [BlockPlan],
+        plans: &'a [Plan<'a>],
         order: Vec<usize>,
         writer: impl FnOnce(&Producer<'a, 'm>) -> R,
     ) -> R {
@@ -103,7 +148,7 @@ impl<'a, 'm> Producer<'a, 'm> {
     /// [`Producer::run`] with `workers` threads and chunks of about `chunk` weights.
     fn run_with<R>(
         index: &'a Constants<'a, 'm>,
-        plans: &'a [BlockPlan],
+        plans: &'a [Plan<'a>],
         order: Vec<usize>,
         workers: usize,
         chunk: usize,
@@ -124,7 +169,7 @@ impl<'a, 'm> Producer<'a, 'm> {
 
     fn new(
         index: &'a Constants<'a, 'm>,
-        plans: &'a [BlockPlan],
+        plans: &'a [Plan<'a>],
         order: Vec<usize>,
         workers: usize,
         chunk: usize,
@@ -135,7 +180,7 @@ impl<'a, 'm> Producer<'a, 'm> {
             let start = tasks.len();
             if let Some(plan) = plans.get(p) {
                 let rows = rows_per_chunk(plan, chunk);
-                let channels = plan.layout.out_channels;
+                let channels = plan.weight_dims()[0];
                 tasks.extend((0..channels).step_by(rows).map(|first| Task {
                     position,
                     rows: first..(first + rows).min(channels),
@@ -185,7 +230,7 @@ impl<'a, 'm> Producer<'a, 'm> {
                 state.claimed - 1
             };
             let task = &self.tasks[t];
-            let dtype = self.plans[self.order[task.position]].dtype;
+            let dtype = self.plans[self.order[task.position]].dtype();
             let buffer = lock(&self.buffers).pop().unwrap_or_default();
             // A panic must not leave the writer waiting: it fails the block instead.
             let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -205,10 +250,10 @@ impl<'a, 'm> Producer<'a, 'm> {
     }
 
     /// The recipe of the block at `position`, built on first use; `None` when its fold failed.
-    fn recipe(&self, position: usize) -> Option<Arc<Recipe>> {
+    fn recipe(&self, position: usize) -> Option<Arc<Kernel>> {
         let mut slot = lock(&self.slots[position]);
         if matches!(*slot, Slot::Empty) {
-            *slot = match self.build(&self.plans[self.order[position]]) {
+            *slot = match self.build(self.plans[self.order[position]]) {
                 Ok(recipe) => Slot::Ready(Arc::new(recipe)),
                 Err(e) => Slot::Failed(Some(e)),
             };
@@ -219,15 +264,19 @@ impl<'a, 'm> Producer<'a, 'm> {
         }
     }
 
-    fn build(&self, plan: &BlockPlan) -> Result<Recipe> {
-        let failed = |reason: String| Error::Graph(format!("block '{}' {reason}", plan.name));
+    fn build(&self, plan: Plan) -> Result<Kernel> {
+        let failed = |reason: String| Error::Graph(format!("block '{}' {reason}", plan.name()));
+        let plan = match plan {
+            Plan::Linear(plan) => return Scaled::build(self.index, plan).map(Kernel::Scaled),
+            Plan::Conv(plan) => plan,
+        };
         match fold::recipe(
             self.index,
             &plan.block,
             plan.options,
             plan.spatial.as_deref(),
         ) {
-            Ok(r) if r.layout.weight_dims() == plan.layout.weight_dims() => Ok(r),
+            Ok(r) if r.layout.weight_dims() == plan.layout.weight_dims() => Ok(Kernel::Conv(r)),
             Ok(_) => Err(failed("folded to another shape than planned".into())),
             Err(FoldError::Invalid(e)) => Err(e),
             Err(FoldError::Skip(reason) | FoldError::Training(reason)) => {
@@ -243,7 +292,7 @@ impl<'a, 'm> Producer<'a, 'm> {
             Slot::Failed(e) => e.take(),
             _ => None,
         }
-        .unwrap_or_else(|| Error::Graph(format!("block '{}' could not be folded", plan.name)))
+        .unwrap_or_else(|| Error::Graph(format!("block '{}' could not be folded", plan.name())))
     }
 
     /// Waits for task `t` (the next one to write) and takes it.
@@ -290,8 +339,9 @@ impl<'a, 'm> Producer<'a, 'm> {
             .plans
             .get(p)
             .ok_or_else(|| Error::Graph(format!("block {p} was not planned")))?;
-        let dims = plan.layout.weight_dims();
-        let row_bytes = dims[1..].iter().product::<usize>() * plan.dtype.size();
+        let dims = plan.weight_dims();
+        let dtype = plan.dtype();
+        let row_bytes = dims[1..].iter().product::<usize>() * dtype.size();
         let mut sampled_dims = dims.clone();
         sampled_dims[0] = sample.len();
         let mut sampled = vec![0; sample.len() * row_bytes];
@@ -315,6 +365,7 @@ impl<'a, 'm> Producer<'a, 'm> {
                     let rows = released..chunk.rows.end;
                     recipe
                         .stored_rows(rows)
+                        .into_iter()
                         .for_each(|bytes| self.index.model.release(bytes));
                 }
                 (unreleased, released) = (0, chunk.rows.end);
@@ -326,14 +377,14 @@ impl<'a, 'm> Producer<'a, 'm> {
             .ok_or_else(|| self.failure(position))?;
         *lock(&self.slots[position]) = Slot::Done;
         let mut bias = Vec::new();
-        tensor::encode_into(&recipe.bias, plan.dtype, &mut bias);
-        let half = matches!(plan.dtype, FloatType::F16 | FloatType::Bf16);
+        tensor::encode_into(recipe.bias(), dtype, &mut bias);
+        let half = matches!(dtype, FloatType::F16 | FloatType::Bf16);
         let rounding = half.then(|| rounding.relative());
         Ok(Produced {
             bias: bias.into(),
             sampled_bytes: sampled,
             sampled_dims,
-            dtype: plan.dtype,
+            dtype,
             rounding,
         })
     }
@@ -376,11 +427,11 @@ impl Produced {
 /// encoded bias and the written rows `sample` asks for.
 pub fn fold_block(
     index: &Constants,
-    plan: &BlockPlan,
+    plan: Plan,
     write: &mut dyn FnMut(&[u8]) -> Result<()>,
     sample: &[usize],
 ) -> Result<Produced> {
-    Producer::run(index, std::slice::from_ref(plan), vec![0], |producer| {
+    Producer::run(index, &[plan], vec![0], |producer| {
         producer.write_block(0, write, sample)
     })
 }
@@ -390,9 +441,8 @@ const RELEASE_AT_LEAST: usize = 1 << 16;
 
 /// Lets go of the input's mapped pages under the data of the tensors a block reads (they stay in
 /// the page cache), once it is written and checked.
-pub fn release_pages(index: &Constants, plan: &BlockPlan) {
+pub fn release_pages(index: &Constants, plan: Plan) {
     let tensors = plan
-        .block
         .nodes()
         .into_iter()
         .flat_map(|n| &index.node(n).input)
@@ -447,8 +497,8 @@ pub fn workers() -> usize {
 }
 
 /// Output channels per chunk of about `chunk` weights of a plan's weight.
-fn rows_per_chunk(plan: &BlockPlan, chunk: usize) -> usize {
-    let row: usize = plan.layout.weight_dims()[1..].iter().product();
+fn rows_per_chunk(plan: &Plan, chunk: usize) -> usize {
+    let row: usize = plan.weight_dims()[1..].iter().product();
     (chunk / row.max(1)).max(1)
 }
 
@@ -467,7 +517,7 @@ thread_local! {
 }
 
 impl Chunk {
-    fn encode(recipe: &Recipe, rows: Range<usize>, ty: FloatType, mut encoded: Vec<u8>) -> Chunk {
+    fn encode(recipe: &Kernel, rows: Range<usize>, ty: FloatType, mut encoded: Vec<u8>) -> Chunk {
         // A recycled buffer mostly has the length already: no zeroing.
         encoded.resize(rows.len() * recipe.row_len() * ty.size(), 0);
         let rounding = ROWS.with_borrow_mut(|(acc, scratch)| {
@@ -511,7 +561,7 @@ mod tests {
     /// Runs `body` on the sample grouped model's index and plans, on a thread of its own, and
     /// fails the test if it does not finish: a producer that hangs must fail, not stall the run.
     fn finishes<T: Send + 'static>(
-        body: impl FnOnce(&Constants, Vec<BlockPlan>) -> T + Send + 'static,
+        body: impl FnOnce(&Constants, plan::Analysis) -> T + Send + 'static,
     ) -> T {
         let (send, receive) = mpsc::channel();
         std::thread::spawn(move || {
@@ -522,8 +572,8 @@ mod tests {
             let model = Model::open(std::path::Path::new(path)).unwrap();
             let graph = crate::graph::GraphIndex::new(&model).unwrap();
             let index = Constants::new(&graph);
-            let plans = plan::analyse(&index, Default::default()).unwrap().plans;
-            send.send(body(&index, plans))
+            let analysis = plan::analyse(&index, Default::default()).unwrap();
+            send.send(body(&index, analysis))
         });
         match receive.recv_timeout(Duration::from_secs(120)) {
             Ok(value) => value,
@@ -537,14 +587,15 @@ mod tests {
     /// checked against its original subgraph.
     #[test]
     fn one_queue_for_all_blocks_writes_what_each_block_alone_writes() {
-        finishes(|index, plans| {
-            let patch = crate::rewrite::build(index, &plans);
+        finishes(|index, analysis| {
+            let patch = crate::rewrite::build(index, &analysis);
+            let plans = analysis.all();
             let order: Vec<usize> = (0..plans.len()).collect();
             let mut written = Vec::new();
             Producer::run_with(index, &plans, order.clone(), 3, 1, |producer| {
                 for &p in &order {
                     let mut weight = Vec::new();
-                    let sample: Vec<usize> = (0..plans[p].layout.out_channels).collect();
+                    let sample: Vec<usize> = (0..plans[p].outputs()).collect();
                     let mut write = |bytes: &[u8]| {
                         weight.extend_from_slice(bytes);
                         Ok(())
@@ -554,16 +605,16 @@ mod tests {
                 }
             });
             assert!(plans.len() > 4, "{} blocks", plans.len());
-            for (plan, (weight, produced)) in plans.iter().zip(&written) {
+            for (plan, (weight, produced)) in analysis.plans.iter().zip(&written) {
                 let mut alone = Vec::new();
                 let mut write = |bytes: &[u8]| {
                     alone.extend_from_slice(bytes);
                     Ok(())
                 };
-                let single = fold_block(index, plan, &mut write, &[]).unwrap();
+                let single = fold_block(index, Plan::Conv(plan), &mut write, &[]).unwrap();
                 assert_eq!(weight, &alone, "{}", plan.name);
                 assert_eq!(produced.bias, single.bias);
-                let node = &patch.replaced[&plan.block.root];
+                let node = &patch.replaced[&plan.block.root][0];
                 let (rows, bias) = (produced.sampled().unwrap(), produced.bias().unwrap());
                 let deviation =
                     crate::verify::check(index, &plan.subject(), node, &rows, &bias, None);
@@ -574,7 +625,8 @@ mod tests {
 
     #[test]
     fn blocks_asked_for_out_of_order_are_an_error_not_a_hang() {
-        let err = finishes(|index, plans| {
+        let err = finishes(|index, analysis| {
+            let plans = analysis.all();
             Producer::run_with(index, &plans, vec![0, 1], 2, 1, |producer| {
                 producer
                     .write_block(1, &mut |_| Ok(()), &[])
@@ -587,7 +639,8 @@ mod tests {
 
     #[test]
     fn a_failing_writer_stops_the_workers() {
-        let err = finishes(|index, plans| {
+        let err = finishes(|index, analysis| {
+            let plans = analysis.all();
             let order: Vec<usize> = (0..plans.len()).collect();
             Producer::run_with(index, &plans, order, 2, 1, |producer| {
                 let mut full = |_: &[u8]| Err(Error::Graph("disk full".into()));
@@ -602,8 +655,9 @@ mod tests {
 
     #[test]
     fn a_block_that_no_longer_folds_as_planned_says_so() {
-        let err = finishes(|index, mut plans| {
-            plans[1].layout.out_channels += 1;
+        let err = finishes(|index, mut analysis| {
+            analysis.plans[1].layout.out_channels += 1;
+            let plans = analysis.all();
             let order: Vec<usize> = (0..plans.len()).collect();
             Producer::run_with(index, &plans, order, 2, 1, |producer| {
                 producer.write_block(0, &mut |_| Ok(()), &[]).unwrap();

@@ -1,39 +1,70 @@
 //! Plans → patch: the one place that decides how the graph changes. Each block's root sum is
 //! replaced by a Conv that keeps the sum's output name (so every consumer and graph output is
-//! untouched); the block's other nodes go; then whatever only fed them (Identity and Constant
-//! nodes, initializers, value_info entries) goes too, and nothing else. Existing initializers are
-//! never modified: the fused weights are new tensors.
+//! untouched); the block's other nodes go. Each linear fold's first operator is replaced by the
+//! fused one (a `MatMul` with its bias `Add`), which writes the value the fold ended at; its other
+//! operators and scales go, and kept nodes that read a scale which goes read past it. Then
+//! whatever only fed what went (Identity and Constant nodes, initializers, value_info entries)
+//! goes too, and nothing else. Existing initializers are never modified: the fused weights are
+//! new tensors.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::graph::GraphIndex;
+use crate::linear::{Kind, LinearPlan};
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
 use crate::patch::{NewTensor, Patch};
-use crate::plan::BlockPlan;
+use crate::plan::{Analysis, BlockPlan, Plan};
 
-/// Builds the patch that applies every plan.
-pub fn build(index: &GraphIndex, plans: &[BlockPlan]) -> Patch {
+/// Builds the patch that applies every plan of `analysis`.
+pub fn build(index: &GraphIndex, analysis: &Analysis) -> Patch {
     let mut patch = Patch::default();
     let mut uses = Uses::new(index);
+    // The nodes that go, each with the output that stays (written by its replacement), if any.
+    let mut dropped: Vec<(usize, &str)> = Vec::new();
+    for (plan_index, plan) in analysis.all().into_iter().enumerate() {
+        patch.new_tensors.extend(new_tensors(plan_index, plan));
+        let (at, input, replacement) = match plan {
+            Plan::Conv(plan) => {
+                let output = plan.block.output(index);
+                dropped.extend(plan.block.nodes().into_iter().map(|n| (n, output)));
+                let conv = vec![new_conv(index, plan)];
+                (plan.block.root, plan.block.input.as_str(), conv)
+            }
+            Plan::Linear(plan) => {
+                let heads = plan.heads.iter().map(|h| h.node);
+                let nodes = heads.chain(plan.removed.iter().copied());
+                dropped.extend(nodes.map(|n| (n, plan.output.as_str())));
+                (plan.at, plan.input.as_str(), new_linear(index, plan))
+            }
+        };
+        uses.add(input, 1);
+        patch.replaced.insert(at, replacement);
+    }
+    dropped.extend(analysis.linear.pushed.iter().map(|&n| (n, "")));
     let mut worklist: Vec<&str> = Vec::new();
     let mut gone: HashSet<&str> = HashSet::new();
-    for (plan_index, plan) in plans.iter().enumerate() {
-        let conv = new_conv(index, plan);
-        uses.add(&plan.block.input, 1);
-        patch.new_tensors.extend(new_tensors(plan_index, plan));
-        for n in plan.block.nodes() {
-            let node = index.node(n);
-            for input in node.input.iter().filter(|v| !v.is_empty()) {
-                uses.add(input, -1);
-                worklist.push(input);
-            }
-            if n != plan.block.root {
-                patch.removed_nodes.insert(n);
-                gone.extend(node.output.iter().map(String::as_str));
-            }
+    for (n, kept) in dropped {
+        let node = index.node(n);
+        for input in node.input.iter().filter(|v| !v.is_empty()) {
+            uses.add(input, -1);
+            worklist.push(input);
         }
-        patch.replaced.insert(plan.block.root, conv);
+        if !patch.replaced.contains_key(&n) {
+            patch.removed_nodes.insert(n);
+        }
+        let outputs = node.output.iter().map(String::as_str);
+        gone.extend(outputs.filter(|o| !o.is_empty() && *o != kept));
+    }
+    for rewire in &analysis.linear.rewired {
+        let node = patch
+            .replaced
+            .entry(rewire.node)
+            .or_insert_with(|| vec![index.node(rewire.node).clone()]);
+        let slot = &mut node[0].input[rewire.slot];
+        uses.add(index.node(rewire.node).input[rewire.slot].as_str(), -1);
+        uses.add(&rewire.value, 1);
+        *slot = rewire.value.clone();
     }
     let model = index.model;
     let initializers: HashMap<&str, usize> = model
@@ -147,23 +178,67 @@ fn new_conv(index: &GraphIndex, plan: &BlockPlan) -> NodeProto {
     }
 }
 
+/// The node(s) that replace a linear fold: its operator with the fused weight and bias (alpha
+/// and beta folded in); a MatMul, which has no bias, then adds it.
+fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
+    let first = index.node(plan.at);
+    let (weight, bias) = (
+        format!("{}.weight", plan.node_name),
+        format!("{}.bias", plan.node_name),
+    );
+    let node = |op: &str, input: Vec<String>, output: &str, name: String| NodeProto {
+        input,
+        output: vec![output.to_string()],
+        name: Some(name),
+        op_type: Some(op.into()),
+        ..Default::default()
+    };
+    match plan.kind {
+        Kind::MatMul => {
+            let product = format!("{}.matmul", plan.node_name);
+            vec![
+                node(
+                    "MatMul",
+                    vec![plan.input.clone(), weight],
+                    &product,
+                    plan.node_name.clone(),
+                ),
+                node(
+                    "Add",
+                    vec![product, bias],
+                    &plan.output,
+                    format!("{}.add", plan.node_name),
+                ),
+            ]
+        }
+        kind => {
+            let keep = |a: &&crate::onnx::proto::AttributeProto| {
+                !(matches!(kind, Kind::Gemm { .. }) && matches!(a.name(), "alpha" | "beta"))
+            };
+            vec![NodeProto {
+                attribute: first.attribute.iter().filter(keep).cloned().collect(),
+                ..node(
+                    kind.op(),
+                    vec![plan.input.clone(), weight, bias],
+                    &plan.output,
+                    plan.node_name.clone(),
+                )
+            }]
+        }
+    }
+}
+
 /// The fused weight and bias of plan `index`, in the weight's element type.
-fn new_tensors(index: usize, plan: &BlockPlan) -> [NewTensor; 2] {
-    let layout = &plan.layout;
+fn new_tensors(index: usize, plan: Plan) -> [NewTensor; 2] {
+    let tensor = |suffix: &str, dims: Vec<usize>, slot: usize| NewTensor {
+        name: format!("{}.{suffix}", plan.node_name()),
+        dims,
+        dtype: plan.dtype(),
+        plan: index,
+        slot,
+    };
     [
-        NewTensor {
-            name: format!("{}.weight", plan.node_name),
-            dims: layout.weight_dims(),
-            dtype: plan.dtype,
-            plan: index,
-            slot: 0,
-        },
-        NewTensor {
-            name: format!("{}.bias", plan.node_name),
-            dims: vec![layout.out_channels],
-            dtype: plan.dtype,
-            plan: index,
-            slot: 1,
-        },
+        tensor("weight", plan.weight_dims(), 0),
+        tensor("bias", vec![plan.outputs()], 1),
     ]
 }

@@ -16,7 +16,7 @@ use crate::onnx::Model;
 use crate::onnx::output::{self, Check, Planned};
 use crate::onnx::splice::{self, Sink};
 use crate::patch::Patch;
-use crate::plan::BlockPlan;
+use crate::plan::Plan;
 use crate::producer::{self, Produced, Producer};
 use crate::verify::{self, Deviation};
 
@@ -63,7 +63,7 @@ pub struct Settings {
 pub struct Job<'a, 'i, 'm> {
     pub index: &'a Constants<'i, 'm>,
     pub model: &'a Model,
-    pub plans: &'a [BlockPlan],
+    pub plans: &'a [Plan<'a>],
     pub patch: &'a Patch,
     pub layout: &'a Layout,
 }
@@ -180,10 +180,12 @@ fn produce(
     write: &mut dyn FnMut(&[u8]) -> Result<()>,
     checker: &SyncSender<(usize, Produced)>,
 ) -> Result<(Option<f64>, Bytes)> {
-    let plan = &job.plans[p];
-    let sample = match settings.verify {
-        true => verify::sample(&plan.layout, &plan.name),
-        false => Vec::new(),
+    let plan = job.plans[p];
+    let sample = match (settings.verify, plan) {
+        (true, Plan::Conv(plan)) => verify::sample(&plan.layout, &plan.name),
+        // A linear fold's check reads the whole weight as written.
+        (true, Plan::Linear(_)) => (0..plan.weight_dims()[0]).collect(),
+        (false, _) => Vec::new(),
     };
     let produced = producer.write_block(p, write, &sample)?;
     let (rounding, bias) = (produced.rounding, produced.bias.clone());
@@ -207,10 +209,14 @@ fn check_all(
 ) -> Result<Vec<(usize, Deviation)>> {
     let mut deviations = Vec::new();
     for &p in order {
-        let plan = &job.plans[p];
-        let node = &job.patch.replaced[&plan.block.root];
-        let subject = plan.subject();
-        let expected = verify::reference(job.index, &subject, node);
+        let plan = job.plans[p];
+        let expected = match plan {
+            Plan::Conv(plan) => {
+                let node = &job.patch.replaced[&plan.block.root][0];
+                Some(verify::reference(job.index, &plan.subject(), node))
+            }
+            Plan::Linear(_) => None,
+        };
         // The writer hung up: it stopped on an error, which is the one to report.
         let Ok((written, produced)) = receive.recv() else {
             break;
@@ -221,9 +227,19 @@ fn check_all(
                 "the blocks were checked out of order".into(),
             ));
         }
-        let rows = verify::Values::Stored(&produced.sampled_bytes, produced.dtype);
-        let bias = produced.bias()?;
-        let deviation = verify::compare(&expected?, &subject, node, rows, &bias, tolerance)?;
+        let deviation = match (plan, expected) {
+            (Plan::Conv(plan), Some(expected)) => {
+                let node = &job.patch.replaced[&plan.block.root][0];
+                let rows = verify::Values::Stored(&produced.sampled_bytes, produced.dtype);
+                let bias = produced.bias()?;
+                let subject = plan.subject();
+                verify::compare(&expected?, &subject, node, rows, &bias, tolerance)?
+            }
+            (Plan::Linear(plan), _) => {
+                verify::linear(job.index, job.patch, plan, &produced, tolerance)?
+            }
+            (Plan::Conv(_), None) => continue,
+        };
         deviations.push((p, deviation));
     }
     Ok(deviations)

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::report::{FoldInfo, Stay};
 use crate::{BlockInfo, FuseReport, InspectReport};
 
 /// What a model without any candidate block gets, from `fuse` and `inspect` alike.
@@ -13,28 +14,35 @@ pub(crate) const NOTHING_TO_FUSE: &str = "nothing to fuse: no re-parameterizable
 /// The summary of a fusion (one line; a second for half-precision weights) and, with `verbose`,
 /// a row per block: fused, not fused, and the sums that are no blocks.
 pub(crate) fn fuse_summary(out: &mut String, r: &FuseReport, verbose: bool) {
-    if r.fused.is_empty() && r.skipped.is_empty() {
-        let _ = writeln!(out, "{NOTHING_TO_FUSE}");
+    if r.fused.is_empty() && r.skipped.is_empty() && r.folds.is_empty() {
+        let _ = writeln!(out, "{NOTHING_TO_FUSE}{}", left(r.bn_left.len()));
     } else {
-        let not_fused = match r.skipped.len() {
-            0 => String::new(),
-            n => format!(", {n} not fused"),
-        };
+        let mut what = Vec::new();
+        if !r.fused.is_empty() || !r.skipped.is_empty() {
+            let mut blocks = format!(
+                "fused {} blocks ({} without identity)",
+                r.fused.len(),
+                r.fused_without_identity()
+            );
+            if !r.skipped.is_empty() {
+                blocks += &format!(", {} not fused", r.skipped.len());
+            }
+            what.push(blocks);
+        }
+        if !r.folds.is_empty() {
+            what.push(folds(&r.folds));
+        }
         let _ = writeln!(
             out,
-            "fused {} blocks ({} without identity){not_fused}: {} → {} nodes, {} → {} parameters, {}{:.1} ms",
-            r.fused.len(),
-            r.fused_without_identity(),
+            "{}{}: {} → {} nodes, {} → {} parameters, {}{:.1} ms",
+            what.join(", "),
+            left(r.bn_left.len()),
             r.nodes_before,
             r.nodes_after,
             r.params_before,
             r.params_after,
             match r.worst() {
-                Some(b) => format!(
-                    "verified (worst {:.1e} relative, {}), ",
-                    b.deviation.map_or(0.0, |d| d.rel),
-                    b.name
-                ),
+                Some((name, d)) => format!("verified (worst {:.1e} relative, {name}), ", d.rel),
                 None => String::new(),
             },
             r.elapsed.as_secs_f64() * 1e3
@@ -43,7 +51,9 @@ pub(crate) fn fuse_summary(out: &mut String, r: &FuseReport, verbose: bool) {
     let rounding = r
         .fused
         .iter()
-        .filter_map(|b| b.rounding_error)
+        .map(|b| b.rounding_error)
+        .chain(r.folds.iter().map(|f| f.rounding_error))
+        .flatten()
         .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
     if let Some(e) = rounding {
         let _ = writeln!(
@@ -61,6 +71,73 @@ pub(crate) fn fuse_summary(out: &mut String, r: &FuseReport, verbose: bool) {
         if !blocks.is_empty() {
             table(out, &blocks, "  ", ["status", "fused"]);
         }
+        fold_table(out, &r.folds, "  ", "folded");
+        bn_left(out, &r.bn_left, "  ");
+    }
+}
+
+/// `2 linear folds (3 BatchNormalization)`.
+fn folds(folds: &[FoldInfo]) -> String {
+    let bns = folds
+        .iter()
+        .flat_map(|f| &f.folded)
+        .filter(|op| *op == "BatchNormalization")
+        .count();
+    let n = folds.len();
+    match bns {
+        0 => format!("{n} linear fold{}", plural(n)),
+        b => format!("{n} linear fold{} ({b} BatchNormalization)", plural(n)),
+    }
+}
+
+/// `, 2 BatchNormalization left` (nothing when none is).
+fn left(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(", {n} BatchNormalization left"),
+    }
+}
+
+/// One row per linear fold: its kind, operator, features, what it took in, parameters, and
+/// `status` (`folded, verified …` or `foldable`).
+fn fold_table(out: &mut String, folds: &[FoldInfo], indent: &str, yes: &str) {
+    if folds.is_empty() {
+        return;
+    }
+    let rows: Vec<[String; 7]> = folds
+        .iter()
+        .map(|f| {
+            [
+                f.name.clone(),
+                f.kind.clone(),
+                match f.heads {
+                    1 => f.op.clone(),
+                    h => format!("{h}×{}", f.op),
+                },
+                format!("{}→{}", f.in_features, f.out_features),
+                f.folded.join(" + "),
+                format!("{} → {}", count(f.params_before), count(f.params_after)),
+                match f.deviation {
+                    Some(d) => format!("{yes}, verified {:.1e}", d.rel),
+                    None => yes.to_string(),
+                },
+            ]
+        })
+        .collect();
+    let header = [
+        "fold", "kind", "op", "features", "takes in", "params", "status",
+    ];
+    rows_under(out, indent, &header.map(String::from), &rows);
+}
+
+/// The BatchNormalization nodes left, one line each with the reason.
+fn bn_left(out: &mut String, left: &[Stay], indent: &str) {
+    for stay in left {
+        let _ = writeln!(
+            out,
+            "{indent}BatchNormalization '{}' stays: {}",
+            stay.node, stay.reason
+        );
     }
 }
 
@@ -211,19 +288,28 @@ pub(crate) fn inspect(out: &mut String, r: &InspectReport) {
         1 => "; 1 sum that is no block".into(),
         n => format!("; {n} sums that are no blocks"),
     };
-    if candidates == 0 {
-        let _ = writeln!(out, "{NOTHING_TO_FUSE}{not_blocks}");
+    if candidates == 0 && r.folds.is_empty() {
+        let _ = writeln!(
+            out,
+            "{NOTHING_TO_FUSE}{not_blocks}{}",
+            left(r.bn_left.len())
+        );
+        bn_left(out, &r.bn_left, "");
         return;
     }
-    let _ = writeln!(
-        out,
-        "{candidates} block{}, {} without identity, {} fusable{not_blocks}",
-        plural(candidates),
-        r.without_identity(),
-        r.fusable()
-    );
+    if candidates > 0 {
+        let _ = writeln!(
+            out,
+            "{candidates} block{}, {} without identity, {} fusable{not_blocks}",
+            plural(candidates),
+            r.without_identity(),
+            r.fusable()
+        );
+    }
     let [pb, pa, fb, fa] = r.totals();
-    if let (Some(pb), Some(pa)) = (pb, pa) {
+    if candidates > 0
+        && let (Some(pb), Some(pa)) = (pb, pa)
+    {
         let _ = write!(out, "blocks' parameters {} → {}", count(pb), count(pa));
         if let (Some(fb), Some(fa)) = (fb, fa) {
             let _ = write!(out, ", FLOPs {} → {}", count(fb), count(fa));
@@ -234,6 +320,12 @@ pub(crate) fn inspect(out: &mut String, r: &InspectReport) {
         }
         let _ = writeln!(out);
     }
+    if !r.folds.is_empty() {
+        let _ = writeln!(out);
+        fold_table(out, &r.folds, "", "foldable");
+        let _ = writeln!(out, "{}{}", folds(&r.folds), left(r.bn_left.len()));
+    }
+    bn_left(out, &r.bn_left, "");
     if let Some(risky) = r.int8_risky() {
         let _ = writeln!(out);
         int8(out, r, risky);

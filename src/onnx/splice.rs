@@ -137,7 +137,9 @@ pub fn plan(model: &Model, patch: &Patch, layout: &DataLayout) -> Result<Output>
         match *item {
             GraphItem::Node(i) if patch.removed_nodes.contains(&i) => {}
             GraphItem::Node(i) => match patch.replaced.get(&i) {
-                Some(node) => graph.field(graph_field::NODE, node.encode_to_vec()),
+                Some(nodes) => nodes
+                    .iter()
+                    .for_each(|node| graph.field(graph_field::NODE, node.encode_to_vec())),
                 None if nested => graph.nested(model, Kind::Node, field)?,
                 None => graph.copy(field.whole.clone()),
             },

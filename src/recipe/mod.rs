@@ -5,6 +5,7 @@
 //! the stored bytes to the output's bytes. [`spec::DenseConv`] is the same algebra on
 //! dense numbers; the two agree to the last bit but for f64 rounding (tested below).
 
+pub mod scaled;
 pub mod spec;
 
 use std::ops::Range;
@@ -323,7 +324,7 @@ impl Rounding {
         self.rounded / self.largest.max(f64::MIN_POSITIVE)
     }
 
-    fn merge(&mut self, ty: FloatType, values: &[f64]) {
+    pub(crate) fn merge(&mut self, ty: FloatType, values: &[f64]) {
         for &v in values {
             self.largest = self.largest.max(v.abs());
             self.rounded = self.rounded.max((ty.round(v) - v).abs());

@@ -62,14 +62,18 @@ pub(super) fn random(
     if elements.is_none_or(|n| n > CHECK_ELEMENTS) {
         return Err(format!("the check's input {shape:?} would be too large"));
     }
+    Ok(uniform(&shape, seed))
+}
+
+/// Values uniform in [-1, 1) of `shape`, the same for the same seed.
+pub(super) fn uniform(shape: &[usize], seed: u64) -> ArrayD<f64> {
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let x = ArrayD::from_shape_fn(IxDyn(&shape), |_| {
+    ArrayD::from_shape_fn(IxDyn(shape), |_| {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         (rng >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    });
-    Ok(x)
+    })
 }
 
 /// One spatial axis of a convolution, to size the check's input.

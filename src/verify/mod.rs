@@ -16,14 +16,19 @@
 //! - `input.rs`: how wide the check's random input is;
 //! - `reference.rs`: the original subgraph evaluated by each operator's definition;
 //! - `conv.rs`: the direct convolution both sides run;
+//! - `linear.rs`: the check of a linear fold, the original and the patched graph evaluated
+//!   densely (`dense.rs`);
 //! - `window.rs`: pads and attribute defaults, as the ONNX operators define them.
 
 mod conv;
+mod dense;
 mod input;
+mod linear;
 mod reference;
 mod window;
 
 pub use conv::Values;
+pub use linear::check as linear;
 
 use ndarray::ArrayD;
 

@@ -14,7 +14,7 @@ fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
     let graph = GraphIndex::new(&model).unwrap();
     let index = onnx_repvgg::constant::Constants::new(&graph);
     let analysis = plan::analyse(&index, Default::default()).unwrap();
-    let patch = rewrite::build(&index, &analysis.plans);
+    let patch = rewrite::build(&index, &analysis);
     let layout = DataLayout::Sidecar {
         location: "big.onnx.data".into(),
         move_inline: true,
@@ -23,7 +23,7 @@ fn inline_tensors_moved_to_a_sidecar_still_compute_the_same() {
     let (mut model_sink, mut sidecar_sink) = (Sink::Memory(Vec::new()), Sink::Memory(Vec::new()));
     let mut produce = |p: usize, write: &mut dyn FnMut(&[u8]) -> onnx_repvgg::Result<()>| {
         Ok(vec![
-            producer::fold_block(&index, &analysis.plans[p], write, &[])?.bias,
+            producer::fold_block(&index, analysis.all()[p], write, &[])?.bias,
         ])
     };
     splice::write(

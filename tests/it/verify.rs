@@ -7,32 +7,33 @@ use onnx_repvgg::graph::GraphIndex;
 use onnx_repvgg::onnx::Model;
 use onnx_repvgg::{plan, producer, rewrite, verify};
 
-fn planned(path: &std::path::Path) -> (Model, Vec<plan::BlockPlan>) {
+fn planned(path: &std::path::Path) -> (Model, plan::Analysis) {
     let model = Model::open(path).unwrap();
-    let plans = {
+    let analysis = {
         let graph = GraphIndex::new(&model).unwrap();
         let index = onnx_repvgg::constant::Constants::new(&graph);
-        plan::analyse(&index, Default::default()).unwrap().plans
+        plan::analyse(&index, Default::default()).unwrap()
     };
-    (model, plans)
+    (model, analysis)
 }
 
 #[test]
 fn correct_folds_pass_and_corrupted_ones_are_caught() {
     for form in ["ts_fold_op17", "ts_nofold_op17", "dynamo_op18"] {
-        let (model, plans) = planned(&testdata().join(format!("models/grouped/{form}.onnx")));
+        let (model, analysis) = planned(&testdata().join(format!("models/grouped/{form}.onnx")));
         let graph = GraphIndex::new(&model).unwrap();
         let index = onnx_repvgg::constant::Constants::new(&graph);
-        let patch = rewrite::build(&index, &plans);
-        for plan in &plans {
-            let node = &patch.replaced[&plan.block.root];
+        let patch = rewrite::build(&index, &analysis);
+        for plan in &analysis.plans {
+            let node = &patch.replaced[&plan.block.root][0];
             let sample = verify::sample(&plan.layout, &plan.name);
             let mut weight = Vec::new();
             let mut write = |chunk: &[u8]| {
                 weight.extend_from_slice(chunk);
                 Ok(())
             };
-            let produced = producer::fold_block(&index, plan, &mut write, &sample).unwrap();
+            let produced =
+                producer::fold_block(&index, plan::Plan::Conv(plan), &mut write, &sample).unwrap();
             assert_eq!(
                 weight.len(),
                 plan.layout.weight_dims().iter().product::<usize>() * 4

@@ -1,6 +1,11 @@
 //! What the tool tells people and pipelines, assembled last — from the plans, the patch and what
 //! writing or inspecting each block found: one [`BlockInfo`] per block found (fused or not, and
-//! why not), and the totals of a fusion.
+//! why not), one [`FoldInfo`] per linear fold and a [`Stay`] per BatchNormalization left
+//! (`linear.rs`), and the totals of a fusion.
+
+mod linear;
+
+pub use linear::{FoldInfo, Stay};
 
 use std::time::Duration;
 
@@ -84,6 +89,17 @@ pub fn fusion(
             rounding_error: outcome.rounding,
             ..describe(index, &plan.block, &plan.name)
         });
+    let linear_outcomes = outcomes.iter().skip(analysis.plans.len());
+    let folds = analysis
+        .linear
+        .plans
+        .iter()
+        .zip(linear_outcomes)
+        .map(|(plan, outcome)| FoldInfo {
+            deviation: outcome.deviation,
+            rounding_error: outcome.rounding,
+            ..linear::describe(index, plan)
+        });
     let skipped = |kind| {
         let of_kind = analysis.skipped_of(kind);
         of_kind.map(|s| skipped_info(index, s)).collect()
@@ -106,13 +122,15 @@ pub fn fusion(
     let params_added: u64 = patch.new_tensors.iter().map(|t| t.elements() as u64).sum();
     FuseReport {
         fused: fused.collect(),
+        folds: folds.collect(),
+        bn_left: linear::stays(index, analysis),
         skipped: skipped(SkipKind::Unfoldable),
         not_blocks: skipped(SkipKind::NotABlock),
         nodes_before: model.nodes.len(),
         nodes_after: model.nodes.len() - patch.removed_nodes.len(),
         params_before,
         params_after: params_before - params_removed + params_added,
-        training_bn_folded: crate::plan::training_bns(index, &analysis.plans),
+        training_bn_folded: crate::plan::training_bns(index, analysis),
         elapsed,
     }
 }
@@ -158,6 +176,13 @@ pub fn inspection(
     blocks.sort_by_key(|(root, _)| *root);
     InspectReport {
         blocks: blocks.into_iter().map(|(_, info)| info).collect(),
+        folds: analysis
+            .linear
+            .plans
+            .iter()
+            .map(|p| linear::describe(index, p))
+            .collect(),
+        bn_left: linear::stays(index, analysis),
         input_shape,
     }
 }
@@ -303,6 +328,10 @@ fn branch_label(index: &Constants, block: &Block, term: &Term) -> String {
 pub struct FuseReport {
     /// Blocks folded into one Conv each.
     pub fused: Vec<BlockInfo>,
+    /// Scales folded into the linear operators beside them.
+    pub folds: Vec<FoldInfo>,
+    /// BatchNormalization nodes left in the model, with the reason.
+    pub bn_left: Vec<Stay>,
     /// Candidate blocks left as they were, with the reason.
     pub skipped: Vec<BlockInfo>,
     /// Sums that look like blocks but are none (their summands read different tensors, as in
@@ -319,15 +348,15 @@ pub struct FuseReport {
 }
 
 impl FuseReport {
-    /// The verified block that deviates most, if any was verified.
-    pub fn worst(&self) -> Option<&BlockInfo> {
-        self.fused
-            .iter()
-            .filter(|b| b.deviation.is_some())
-            .max_by(|a, b| {
-                let rel = |x: &BlockInfo| x.deviation.map_or(0.0, |d| d.rel);
-                rel(a).total_cmp(&rel(b))
-            })
+    /// The verified block or fold that deviates most (its name and deviation), if any was
+    /// verified.
+    pub fn worst(&self) -> Option<(&str, Deviation)> {
+        let blocks = self.fused.iter().map(|b| (b.name.as_str(), b.deviation));
+        let folds = self.folds.iter().map(|f| (f.name.as_str(), f.deviation));
+        blocks
+            .chain(folds)
+            .filter_map(|(name, d)| Some((name, d?)))
+            .max_by(|a, b| a.1.rel.total_cmp(&b.1.rel))
     }
 
     /// Fused blocks that had no identity branch.
@@ -340,6 +369,10 @@ impl FuseReport {
 #[derive(Debug, Clone, Default)]
 pub struct InspectReport {
     pub blocks: Vec<BlockInfo>,
+    /// The linear folds `fuse` would make.
+    pub folds: Vec<FoldInfo>,
+    /// BatchNormalization nodes `fuse` would leave, with the reason.
+    pub bn_left: Vec<Stay>,
     /// The input shape FLOPs are counted for (batch 1), when known.
     pub input_shape: Option<Vec<usize>>,
 }
@@ -448,8 +481,12 @@ impl InspectReport {
                 "flops_after": flops_after,
                 "int8_risky": risky.map(|[tensor, _]| tensor),
                 "int8_risky_per_channel": risky.map(|[_, channel]| channel),
+                "folds": self.folds.len(),
+                "bn_left": self.bn_left.len(),
             },
             "blocks": self.blocks.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
+            "folds": self.folds.iter().map(FoldInfo::to_json).collect::<Vec<_>>(),
+            "bn_left": self.bn_left.iter().map(Stay::to_json).collect::<Vec<_>>(),
         })
     }
 }
@@ -468,13 +505,17 @@ impl FuseReport {
                 "params_before": self.params_before,
                 "params_after": self.params_after,
                 "training_bn_folded": self.training_bn_folded,
+                "folds": self.folds.len(),
+                "bn_left": self.bn_left.len(),
                 "seconds": self.elapsed.as_secs_f64(),
-                "worst": self.worst().map(|b| serde_json::json!({
-                    "block": b.name,
-                    "rel": b.deviation.map(|d| d.rel),
+                "worst": self.worst().map(|(name, d)| serde_json::json!({
+                    "block": name,
+                    "rel": d.rel,
                 })),
             },
             "fused": self.fused.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
+            "folds": self.folds.iter().map(FoldInfo::to_json).collect::<Vec<_>>(),
+            "bn_left": self.bn_left.iter().map(Stay::to_json).collect::<Vec<_>>(),
             "skipped": self.skipped.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
             "not_blocks": self.not_blocks.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
         })
