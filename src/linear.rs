@@ -132,6 +132,8 @@ pub struct LinearPlan {
     pub source: String,
     /// Its shape (a symbolic batch taken as 1), which the check's random input takes.
     pub source_shape: Vec<usize>,
+    /// A MatMul of a matrix, written as a Gemm (bias included) rather than a MatMul and an Add.
+    pub as_gemm: bool,
     /// The values the original and the fused graph both compute and must agree on: `output`,
     /// or, where views after it stay (and read past the scales that go), their outputs.
     pub ends: Vec<String>,
@@ -152,6 +154,16 @@ pub struct LinearPlan {
     pub out_features: usize,
     pub in_features: usize,
     pub options: FoldOptions,
+}
+
+impl LinearPlan {
+    /// The operator written: that of the plan's kind, but `Gemm` for a MatMul of a matrix.
+    pub fn op(&self) -> &'static str {
+        match self.as_gemm {
+            true => "Gemm",
+            false => self.kind.op(),
+        }
+    }
 }
 
 /// A kept node reading another value in one input slot.
@@ -345,7 +357,7 @@ impl Finder<'_, '_, '_> {
         let mut value = out.clone();
         let mut here = start.clone();
         let mut post = Affine::identity(features);
-        let mut steps: Vec<(usize, Option<Vec<usize>>, Vec<usize>)> = Vec::new();
+        let mut steps: Vec<Step> = Vec::new();
         let mut scales: Vec<usize> = Vec::new();
         let mut scaled = false;
         while let Some(c) = self.sole_consumer(&value) {
@@ -390,20 +402,52 @@ impl Finder<'_, '_, '_> {
                 .map(|(_, p, s)| (p.clone(), s.clone()))
                 .collect()
         };
-        let cut = (last..steps.len()).find(|&k| cancel(&start.shape, &views(k)));
+        // A removed value may still be read by `Shape` nodes, as long as what they compute
+        // feeds removed nodes only.
+        let gone_with = |k: usize| {
+            let removed: HashSet<usize> = steps[..=k].iter().map(|(c, _, _)| *c).collect();
+            let values = std::iter::once(out)
+                .chain(steps[..k].iter().map(|(c, _, _)| &self.node(*c).output[0]));
+            values.collect::<Vec<_>>().into_iter().all(|v| {
+                self.index.consumers(v).iter().all(|&u| {
+                    removed.contains(&u)
+                        || self.node(u).output.iter().all(|o| {
+                            self.index.consumers(o).iter().all(|w| removed.contains(w))
+                                && !self.index.is_output(o)
+                        })
+                })
+            })
+        };
+        let cut = (last..steps.len()).find(|&k| cancel(&start.shape, &views(k)) && gone_with(k));
+        let merged = match cut {
+            None => self
+                .merged_reshape(&steps, last, &scales)
+                .filter(|_| gone_with(last)),
+            Some(_) => None,
+        };
         let bns = scales
             .iter()
             .copied()
             .filter(|&c| self.node(c).op_type() == "BatchNormalization")
             .collect();
-        let (removed, output, rewired) = match cut {
-            Some(k) => {
+        let (removed, output, rewired) = match (cut, merged) {
+            (Some(k), _) => {
                 let removed: Vec<usize> = steps[..=k].iter().map(|(c, _, _)| *c).collect();
                 let output = self.node(steps[k].0).output[0].clone();
                 (removed, output, Vec::new())
             }
+            // The final Reshape reads the linear node's output; all before it goes.
+            (None, Some(reshape)) => {
+                let removed: Vec<usize> = steps[..=last].iter().map(|(c, _, _)| *c).collect();
+                let rewire = Rewire {
+                    node: reshape,
+                    slot: 0,
+                    value: out.clone(),
+                };
+                (removed, out.clone(), vec![rewire])
+            }
             // The views stay; the scales go, and whatever read them reads past them.
-            None => {
+            (None, None) => {
                 let mut rewired = Vec::new();
                 for &c in &scales {
                     let scale = self.node(c);
@@ -449,6 +493,32 @@ impl Finder<'_, '_, '_> {
             ends,
             bns,
         }))
+    }
+
+    /// Where the views and scales after a linear node up to the last scale (`steps[..=last]`)
+    /// only reshape (Reshape, Flatten, Squeeze, Unsqueeze: elements keep their order) and the
+    /// node after the last scale is a Reshape to an explicit shape: that Reshape, which then
+    /// reads the linear node's output directly (a reshape of a reshape is the last one),
+    /// everything before it gone.
+    fn merged_reshape(&self, steps: &[Step], last: usize, scales: &[usize]) -> Option<usize> {
+        const RESHAPES: [&str; 4] = ["Reshape", "Flatten", "Squeeze", "Unsqueeze"];
+        let reshapes_only = steps[..=last]
+            .iter()
+            .all(|(c, _, _)| scales.contains(c) || RESHAPES.contains(&self.node(*c).op_type()));
+        let scaled = &self.node(steps[last].0).output[0];
+        let &[k] = self.index.consumers(scaled) else {
+            return None;
+        };
+        let node = self.node(k);
+        if !reshapes_only || node.op_type() != "Reshape" || self.index.is_output(scaled) {
+            return None;
+        }
+        let target = self.index.constant(node.input.get(1)?)?;
+        let target = tensor::read_i64(&target, &self.index.model.external).ok()?;
+        // `0` copies the input's dim (unless `allowzero`): it would read another input.
+        let copies =
+            attr::int(node, "allowzero").unwrap_or(0) == 0 && target.iter().any(|&d| d == 0);
+        (!copies).then_some(k)
     }
 
     /// Past a run of removed scales: the first value upstream of `value` not produced by one.
@@ -699,6 +769,16 @@ impl Finder<'_, '_, '_> {
         if reached.is_empty() {
             return Ok(());
         }
+        if let Some((before, after)) = self.transposes_around(&x, &rewired, &reached) {
+            // `Transpose → scale → Transpose` back: all three go, the linear nodes read what
+            // the first one read.
+            let start = self.node(before).input[0].clone();
+            removed.extend([before, after]);
+            rewired.clear();
+            reached
+                .iter_mut()
+                .for_each(|(_, _, s)| s.clone_from(&start));
+        }
         self.taken.extend(&removed);
         self.pushes.push(Push {
             removed,
@@ -707,6 +787,41 @@ impl Finder<'_, '_, '_> {
         });
         self.rebuild_pre();
         Ok(())
+    }
+
+    /// A Transpose before the scale reading `x` (read by it alone) and the Transpose back
+    /// after it (the one kept node reading past the scale, read only by the linear nodes
+    /// reached): the two, which cancel out.
+    fn transposes_around(
+        &self,
+        x: &str,
+        rewired: &[Rewire],
+        reached: &[(usize, Affine, String)],
+    ) -> Option<(usize, usize)> {
+        let [rewire] = rewired else {
+            return None;
+        };
+        let before = self.index.producer(x)?;
+        let after = rewire.node;
+        let [_] = self.index.consumers(x) else {
+            return None;
+        };
+        let transpose = |n: usize| {
+            let node = self.node(n);
+            (node.op_type() == "Transpose" && is_default_domain(node) && !self.taken.contains(&n))
+                .then(|| self.shape(&node.output[0]))
+                .flatten()
+                .map(|shape| perm_of(node, shape.len()).unwrap_or_default())
+        };
+        let (p, q) = (transpose(before)?, transpose(after)?);
+        let inverse = p.len() == q.len()
+            && (0..p.len()).all(|a| q.get(a).and_then(|&b| p.get(b)) == Some(&a));
+        let out = &self.node(after).output[0];
+        let linear: HashSet<usize> = reached.iter().map(|(l, _, _)| *l).collect();
+        let only_linear = !self.index.is_output(out)
+            && self.index.consumers(out).iter().all(|c| linear.contains(c));
+        let x_kept = self.index.is_output(x);
+        (inverse && only_linear && !x_kept && rewire.value == x).then_some((before, after))
     }
 
     /// `pre` from `pushes`.
@@ -749,7 +864,9 @@ impl Finder<'_, '_, '_> {
             return Err(Stop::Reason(format!("nothing reads '{value}'")));
         }
         for c in users {
-            if self.taken.contains(&c) {
+            // A linear node whose output side folds takes its input side too.
+            let pulled = self.pulled.iter().any(|p| p.node == c);
+            if self.taken.contains(&c) && !pulled {
                 return Err(Stop::Reason(format!(
                     "'{value}' is also read by '{}', folded otherwise",
                     self.node(c).name()
@@ -1022,32 +1139,40 @@ impl Finder<'_, '_, '_> {
                 heads.push(head(m));
                 removed.extend([m, sum]);
                 output = self.node(sum).output[0].clone();
-                // Scales after the sum (`/ 2`).
-                let shape = self.shape(&output);
-                if let Some(f) =
-                    shape.and_then(|s| Features::new(s.clone(), s.len().checked_sub(1)?))
-                {
-                    let mut value = output.clone();
-                    while let Some(c) = self.sole_consumer(&value) {
-                        match self.scale_of(c, &value, &f) {
-                            Ok(Some(a)) => {
-                                post = post.then(&a);
-                                removed.push(c);
-                                if self.node(c).op_type() == "BatchNormalization" {
-                                    bns.push(c);
-                                }
-                                value = self.node(c).output[0].clone();
-                            }
-                            Ok(None) => break,
-                            Err(stop) => {
-                                stop.settle(&self.training)?;
-                                break;
-                            }
+            }
+        }
+        // Scales after what is rewritten anyway (heads summed, then `/ 2`; a bias `Add` after
+        // a MatMul scales were pushed into), on the last axis.
+        let linear = matches!(kind, Kind::Gemm { .. } | Kind::MatMul);
+        if pull.is_none()
+            && linear
+            && (heads.len() > 1 || input_side)
+            && let Some(f) = self
+                .shape(&output)
+                .and_then(|s| Features::new(s.clone(), s.len().checked_sub(1)?))
+        {
+            let mut value = output.clone();
+            while let Some(c) = self
+                .sole_consumer(&value)
+                .filter(|c| !self.taken.contains(c))
+            {
+                match self.scale_of(c, &value, &f) {
+                    Ok(Some(a)) => {
+                        post = post.then(&a);
+                        removed.push(c);
+                        if self.node(c).op_type() == "BatchNormalization" {
+                            bns.push(c);
                         }
+                        value = self.node(c).output[0].clone();
                     }
-                    output = value;
+                    Ok(None) => break,
+                    Err(stop) => {
+                        stop.settle(&self.training)?;
+                        break;
+                    }
                 }
             }
+            output = value;
         }
         let mut pushed: Vec<usize> = heads
             .iter()
@@ -1085,6 +1210,7 @@ impl Finder<'_, '_, '_> {
         if ends.is_empty() {
             ends.push(output.clone());
         }
+        let as_gemm = kind == Kind::MatMul && self.shape(&input).is_some_and(|s| s.len() == 2);
         let mut named: Vec<usize> = heads.iter().map(|h| h.node).collect();
         named.extend(&removed);
         let name = crate::naming::nodes_name(index, &named, n);
@@ -1098,6 +1224,7 @@ impl Finder<'_, '_, '_> {
                 output,
                 source,
                 source_shape,
+                as_gemm,
                 ends,
                 post,
                 at: n,
@@ -1145,6 +1272,10 @@ struct Trail<'t> {
     rewired: &'t mut Vec<Rewire>,
     removed: &'t mut Vec<usize>,
 }
+
+/// A node after a linear one: a scale or a view (with a Transpose's permutation), and its
+/// output's shape.
+type Step = (usize, Option<Vec<usize>>, Vec<usize>);
 
 /// A Transpose's permutation (for [`cancel`]); `None` for every other view.
 fn perm_of(node: &NodeProto, rank: usize) -> Option<Vec<usize>> {

@@ -194,6 +194,12 @@ fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
         ..Default::default()
     };
     match plan.kind {
+        Kind::MatMul if plan.as_gemm => vec![node(
+            "Gemm",
+            vec![plan.input.clone(), weight, bias],
+            &plan.output,
+            plan.node_name.clone(),
+        )],
         Kind::MatMul => {
             let product = format!("{}.matmul", plan.node_name);
             vec![

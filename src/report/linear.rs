@@ -89,7 +89,7 @@ pub fn describe(index: &Constants, plan: &LinearPlan) -> FoldInfo {
     FoldInfo {
         name: plan.name.clone(),
         kind,
-        op: plan.kind.op().to_string(),
+        op: plan.op().to_string(),
         in_features: plan.in_features,
         out_features: plan.out_features,
         heads: plan.heads.len(),

@@ -159,7 +159,7 @@ pub fn check(
         return Err(failure(format!(
             "the fused {} differs from the original by {:.3e} relative ({:.3e} absolute), over \
              the tolerance {limit:.1e}",
-            plan.kind.op(),
+            plan.op(),
             deviation.rel,
             deviation.abs
         )));
