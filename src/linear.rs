@@ -885,7 +885,7 @@ impl Finder<'_, '_, '_> {
                     Kind::Conv { .. } => 1,
                     Kind::ConvTranspose { .. } => return Err(Stop::Reason("ConvTranspose".into())),
                 };
-                if f.axis != contracted {
+                if f.axis != contracted && f.count() > 1 {
                     return Err(Stop::Reason(format!(
                         "'{}' ({}) sums over axis {contracted} of {:?}, the features are on \
                          axis {}",
@@ -925,8 +925,12 @@ impl Finder<'_, '_, '_> {
                 _ => f.through(node, &out_shape),
             };
             let Some((g, _)) = through.filter(|_| slot == 0) else {
+                let why = match VIEWS.contains(&node.op_type()) && slot == 0 {
+                    true => "which mixes the feature axis with another",
+                    false => "which a per-feature scale cannot pass",
+                };
                 return Err(Stop::Reason(format!(
-                    "'{value}' is also read by '{}' ({}), which a scale cannot pass",
+                    "'{value}' is read by '{}' ({}), {why}",
                     node.name(),
                     node.op_type()
                 )));
@@ -1272,6 +1276,16 @@ struct Trail<'t> {
     rewired: &'t mut Vec<Rewire>,
     removed: &'t mut Vec<usize>,
 }
+
+/// Operators that only move elements (a scale passes them where they keep the feature axis).
+const VIEWS: [&str; 6] = [
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+];
 
 /// A node after a linear one: a scale or a view (with a Transpose's permutation), and its
 /// output's shape.

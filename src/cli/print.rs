@@ -30,7 +30,7 @@ pub(crate) fn fuse_summary(out: &mut String, r: &FuseReport, verbose: bool) {
             what.push(blocks);
         }
         if !r.folds.is_empty() {
-            what.push(folds(&r.folds));
+            what.push(folds(&r.folds, r.bn_folded));
         }
         let _ = writeln!(
             out,
@@ -77,12 +77,7 @@ pub(crate) fn fuse_summary(out: &mut String, r: &FuseReport, verbose: bool) {
 }
 
 /// `2 linear folds (3 BatchNormalization)`.
-fn folds(folds: &[FoldInfo]) -> String {
-    let bns = folds
-        .iter()
-        .flat_map(|f| &f.folded)
-        .filter(|op| *op == "BatchNormalization")
-        .count();
+fn folds(folds: &[FoldInfo], bns: usize) -> String {
     let n = folds.len();
     match bns {
         0 => format!("{n} linear fold{}", plural(n)),
@@ -323,7 +318,12 @@ pub(crate) fn inspect(out: &mut String, r: &InspectReport) {
     if !r.folds.is_empty() {
         let _ = writeln!(out);
         fold_table(out, &r.folds, "", "foldable");
-        let _ = writeln!(out, "{}{}", folds(&r.folds), left(r.bn_left.len()));
+        let _ = writeln!(
+            out,
+            "{}{}",
+            folds(&r.folds, r.bn_folded),
+            left(r.bn_left.len())
+        );
     }
     bn_left(out, &r.bn_left, "");
     if let Some(risky) = r.int8_risky() {

@@ -101,6 +101,12 @@ pub fn describe(index: &Constants, plan: &LinearPlan) -> FoldInfo {
     }
 }
 
+/// BatchNormalization nodes the linear folds take in, each once.
+pub fn bn_folded(analysis: &Analysis) -> usize {
+    let bns = analysis.linear.plans.iter().flat_map(|p| &p.bns);
+    bns.collect::<HashSet<_>>().len()
+}
+
 /// Every BatchNormalization left in the model, in graph order, with the reason: that of the
 /// block it belongs to where one was not fused, else what stopped every fold beside it.
 pub fn stays(index: &Constants, analysis: &Analysis) -> Vec<Stay> {

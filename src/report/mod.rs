@@ -123,6 +123,7 @@ pub fn fusion(
     FuseReport {
         fused: fused.collect(),
         folds: folds.collect(),
+        bn_folded: linear::bn_folded(analysis),
         bn_left: linear::stays(index, analysis),
         skipped: skipped(SkipKind::Unfoldable),
         not_blocks: skipped(SkipKind::NotABlock),
@@ -182,6 +183,7 @@ pub fn inspection(
             .iter()
             .map(|p| linear::describe(index, p))
             .collect(),
+        bn_folded: linear::bn_folded(analysis),
         bn_left: linear::stays(index, analysis),
         input_shape,
     }
@@ -330,6 +332,8 @@ pub struct FuseReport {
     pub fused: Vec<BlockInfo>,
     /// Scales folded into the linear operators beside them.
     pub folds: Vec<FoldInfo>,
+    /// BatchNormalization nodes those folds took in (one may reach several).
+    pub bn_folded: usize,
     /// BatchNormalization nodes left in the model, with the reason.
     pub bn_left: Vec<Stay>,
     /// Candidate blocks left as they were, with the reason.
@@ -371,6 +375,8 @@ pub struct InspectReport {
     pub blocks: Vec<BlockInfo>,
     /// The linear folds `fuse` would make.
     pub folds: Vec<FoldInfo>,
+    /// BatchNormalization nodes those folds take in.
+    pub bn_folded: usize,
     /// BatchNormalization nodes `fuse` would leave, with the reason.
     pub bn_left: Vec<Stay>,
     /// The input shape FLOPs are counted for (batch 1), when known.
@@ -482,6 +488,7 @@ impl InspectReport {
                 "int8_risky": risky.map(|[tensor, _]| tensor),
                 "int8_risky_per_channel": risky.map(|[_, channel]| channel),
                 "folds": self.folds.len(),
+                "bn_folded": self.bn_folded,
                 "bn_left": self.bn_left.len(),
             },
             "blocks": self.blocks.iter().map(BlockInfo::to_json).collect::<Vec<_>>(),
@@ -506,6 +513,7 @@ impl FuseReport {
                 "params_after": self.params_after,
                 "training_bn_folded": self.training_bn_folded,
                 "folds": self.folds.len(),
+                "bn_folded": self.bn_folded,
                 "bn_left": self.bn_left.len(),
                 "seconds": self.elapsed.as_secs_f64(),
                 "worst": self.worst().map(|(name, d)| serde_json::json!({

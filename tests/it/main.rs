@@ -13,6 +13,8 @@ mod fuzz_regressions;
 mod graphs;
 mod hostile;
 mod layout;
+mod linear;
+mod linear_properties;
 mod people;
 mod properties;
 mod readme;

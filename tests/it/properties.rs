@@ -163,7 +163,7 @@ const TOLERANCE_FP16_PROPERTY: f64 = 1e-2;
 
 /// `cases` cases; failures are kept next to this file (`properties.proptest-regressions`) and
 /// replayed first.
-fn config(cases: u32) -> ProptestConfig {
+pub(crate) fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
         failure_persistence: Some(Box::new(

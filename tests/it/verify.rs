@@ -70,6 +70,47 @@ fn correct_folds_pass_and_corrupted_ones_are_caught() {
     }
 }
 
+/// Linear folds are checked by evaluating the original and the patched graph: a corrupted
+/// weight (its last value) or bias of any fold is caught, naming it.
+#[test]
+fn corrupted_linear_folds_are_caught() {
+    let mut checked = 0;
+    for model in [
+        "linear_bn_tokens/ts_nofold_op17",
+        "nextvit/dynamo_op18",
+        "gemm_attrs/onnx_op17",
+    ] {
+        let (model, analysis) = planned(&testdata().join(format!("linear/{model}.onnx")));
+        let graph = GraphIndex::new(&model).unwrap();
+        let index = onnx_repvgg::constant::Constants::new(&graph);
+        let patch = rewrite::build(&index, &analysis);
+        for plan in &analysis.linear.plans {
+            let all: Vec<usize> = (0..plan.weight_dims[0]).collect();
+            let fold = |write: &mut dyn FnMut(&[u8]) -> onnx_repvgg::Result<()>| {
+                producer::fold_block(&index, plan::Plan::Linear(plan), write, &all).unwrap()
+            };
+            let produced = fold(&mut |_| Ok(()));
+            let deviation = verify::linear(&index, &patch, plan, &produced, None).unwrap();
+            assert!(deviation.rel < 1e-6, "{}: {deviation:?}", plan.name);
+            let mut corrupted = fold(&mut |_| Ok(()));
+            let last = corrupted.sampled_bytes.len() - 4;
+            let value = f32::from_le_bytes(corrupted.sampled_bytes[last..].try_into().unwrap());
+            corrupted.sampled_bytes[last..].copy_from_slice(&(value + 0.05).to_le_bytes());
+            let err = verify::linear(&index, &patch, plan, &corrupted, None).unwrap_err();
+            let name = format!("block '{}' failed verification", plan.name);
+            assert!(err.to_string().contains(&name), "{err}");
+            let mut corrupted = fold(&mut |_| Ok(()));
+            let mut bias = corrupted.bias.to_vec();
+            let value = f32::from_le_bytes(bias[..4].try_into().unwrap());
+            bias[..4].copy_from_slice(&(value + 0.05).to_le_bytes());
+            corrupted.bias = bias.into();
+            assert!(verify::linear(&index, &patch, plan, &corrupted, None).is_err());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 7, "{checked} folds checked");
+}
+
 #[test]
 fn a_failed_check_exits_1_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -79,6 +79,12 @@ impl Builder {
         }
     }
 
+    /// Another sequence of pseudo-random weights and statistics.
+    pub fn seeded(mut self, seed: u64) -> Builder {
+        self.seed = seed.wrapping_mul(2).wrapping_add(1);
+        self
+    }
+
     fn fresh(&mut self) -> String {
         self.next += 1;
         format!("v{}", self.next)

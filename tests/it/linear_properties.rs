@@ -1,0 +1,194 @@
+//! Property tests of the linear folds, one per rule, on random shapes and attributes built as
+//! ONNX: a BatchNormalization after a Gemm (any `transA`/`transB`, `alpha`, `beta`, any C)
+//! or a MatMul on tokens behind Transposes; before a Gemm (through pooling and Flatten) or an
+//! unpadded Conv (any stride, dilation, group); after a ConvTranspose (any stride, group,
+//! pads); summed Gemm heads then `/ 2`. Each is fused by the real binary: no
+//! BatchNormalization is left and tract computes the same outputs as for the original.
+
+use crate::common::builder::Builder;
+use crate::common::*;
+use crate::properties::config;
+use onnx_repvgg::onnx::attr::{new_float, new_int, new_ints};
+use proptest::prelude::*;
+use tract_onnx::prelude::*;
+
+/// Fuses `model`, checks that no BatchNormalization is left and that tract computes the same
+/// outputs for `x` (of `shape`) as for the original.
+fn folds_exactly(model: &[u8], shape: &[usize], seed: u64) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
+    std::fs::write(&src, model).unwrap();
+    let run = fuse(&src, &dst, &[]);
+    prop_assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ops = op_histogram(&dst);
+    prop_assert_eq!(ops.get("BatchNormalization"), None, "{:?}", ops);
+    let mut state = seed | 1;
+    let x = tract_ndarray::ArrayD::from_shape_fn(shape, |_| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    });
+    let x: Tensor = x.into();
+    let (want, got) = (run_tract(&src, &x), run_tract(&dst, &x));
+    let rel = relative_error(&want[0], &got[0]);
+    prop_assert!(rel < 1e-5, "relative error {}", rel);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(16))]
+
+    /// `Gemm(x, W, C) → BatchNormalization` with every transposition, alpha, beta and C shape.
+    #[test]
+    fn gemm_then_bn(
+        (m, k, n) in (1usize..4, 1usize..7, 1usize..7),
+        (trans_a, trans_b) in (any::<bool>(), any::<bool>()),
+        (alpha, beta) in (0.25f32..2.0, 0.25f32..2.0),
+        c in 0u8..4,
+        eps in prop::sample::select(vec![1e-5f32, 1e-3, 0.1]),
+        seed in 0u64..1000,
+    ) {
+        let x_shape = if trans_a { [k, m] } else { [m, k] };
+        let mut b = Builder::new(&[x_shape[0] as i64, x_shape[1] as i64]).seeded(seed);
+        let w = b.init(&if trans_b { [n, k] } else { [k, n] }, -0.5, 0.5);
+        let mut inputs = vec!["x".to_string(), w];
+        match c {
+            1 => inputs.push(b.init(&[n], -0.5, 0.5)),
+            2 => inputs.push(b.init(&[1, n], -0.5, 0.5)),
+            3 => inputs.push(b.init(&[1], -0.5, 0.5)),
+            _ => {}
+        }
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let attrs = vec![
+            new_int("transA", trans_a as i64),
+            new_int("transB", trans_b as i64),
+            new_float("alpha", alpha),
+            new_float("beta", beta),
+        ];
+        let y = b.node("Gemm", &refs, attrs);
+        let z = b.bn(&y, n, eps);
+        b.output(&z, &[m as i64, n as i64]);
+        folds_exactly(&b.build(), &x_shape, seed)?;
+    }
+
+    /// `MatMul → Add → Transpose → BatchNormalization → Transpose` on `[B, T, C]` tokens.
+    #[test]
+    fn matmul_on_tokens_then_bn(
+        (batch, tokens, c, d) in (1usize..3, 1usize..6, 1usize..7, 1usize..7),
+        eps in prop::sample::select(vec![1e-5f32, 1e-3]),
+        seed in 0u64..1000,
+    ) {
+        let mut b = Builder::new(&[batch as i64, tokens as i64, c as i64]).seeded(seed);
+        let w = b.init(&[c, d], -0.5, 0.5);
+        let bias = b.init(&[d], -0.5, 0.5);
+        let y = b.node("MatMul", &["x", &w], vec![]);
+        let y = b.node("Add", &[&bias, &y], vec![]);
+        let t = b.node("Transpose", &[&y], vec![new_ints("perm", [0, 2, 1])]);
+        let t = b.bn(&t, d, eps);
+        let z = b.node("Transpose", &[&t], vec![new_ints("perm", [0, 2, 1])]);
+        let z = b.node("Relu", &[&z], vec![]);
+        b.output(&z, &[batch as i64, tokens as i64, d as i64]);
+        folds_exactly(&b.build(), &[batch, tokens, c], seed)?;
+    }
+
+    /// `BatchNormalization → GlobalAveragePool → Flatten → Gemm`, and `BatchNormalization →
+    /// Gemm` on a matrix.
+    #[test]
+    fn bn_then_gemm(
+        (c, n, hw) in (1usize..7, 1usize..7, 1usize..4),
+        pooled in any::<bool>(),
+        trans_b in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let shape: Vec<usize> = if pooled { vec![1, c, hw, hw] } else { vec![2, c] };
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let mut b = Builder::new(&dims).seeded(seed);
+        let x = b.node("Relu", &["x"], vec![]);
+        let mut y = b.bn(&x, c, 1e-5);
+        if pooled {
+            y = b.node("GlobalAveragePool", &[&y], vec![]);
+            y = b.node("Flatten", &[&y], vec![new_int("axis", 1)]);
+        }
+        let w = b.init(&if trans_b { [n, c] } else { [c, n] }, -0.5, 0.5);
+        let bias = b.init(&[n], -0.5, 0.5);
+        let z = b.node("Gemm", &[&y, &w, &bias], vec![new_int("transB", trans_b as i64)]);
+        b.output(&z, &[shape[0] as i64, n as i64]);
+        folds_exactly(&b.build(), &shape, seed)?;
+    }
+
+    /// `BatchNormalization → Conv` without padding: any kernel, stride, dilation, group.
+    #[test]
+    fn bn_then_unpadded_conv(
+        (groups, per_in, per_out) in (1usize..4, 1usize..4, 1usize..4),
+        (k, stride, dilation) in (1usize..4, 1usize..3, 1usize..3),
+        size in 6usize..10,
+        seed in 0u64..1000,
+    ) {
+        let (c, out) = (groups * per_in, groups * per_out);
+        let mut b = Builder::new(&[1, c as i64, size as i64, size as i64]).seeded(seed);
+        let x = b.node("Relu", &["x"], vec![]);
+        let y = b.bn(&x, c, 1e-5);
+        let w = b.init(&[out, per_in, k, k], -0.5, 0.5);
+        let attrs = vec![
+            new_int("group", groups as i64),
+            new_ints("strides", [stride as i64; 2]),
+            new_ints("dilations", [dilation as i64; 2]),
+        ];
+        let z = b.node("Conv", &[&y, &w], attrs);
+        let o = (size - dilation * (k - 1) - 1) / stride + 1;
+        b.output(&z, &[1, out as i64, o as i64, o as i64]);
+        folds_exactly(&b.build(), &[1, c, size, size], seed)?;
+    }
+
+    /// `ConvTranspose → BatchNormalization`: any kernel, stride, group, pads.
+    #[test]
+    fn conv_transpose_then_bn(
+        (groups, per_in, per_out) in (1usize..4, 1usize..4, 1usize..4),
+        (k, stride, pad) in (1usize..4, 1usize..3, 0usize..2),
+        size in 2usize..5,
+        seed in 0u64..1000,
+    ) {
+        prop_assume!(pad < k);
+        let (c, out) = (groups * per_in, groups * per_out);
+        let mut b = Builder::new(&[1, c as i64, size as i64, size as i64]).seeded(seed);
+        let w = b.init(&[c, per_out, k, k], -0.5, 0.5);
+        let bias = b.init(&[out], -0.5, 0.5);
+        let attrs = vec![
+            new_int("group", groups as i64),
+            new_ints("strides", [stride as i64; 2]),
+            new_ints("pads", [pad as i64; 4]),
+        ];
+        let y = b.node("ConvTranspose", &["x", &w, &bias], attrs);
+        let z = b.bn(&y, out, 1e-5);
+        let o = (size - 1) * stride + k - 2 * pad;
+        b.output(&z, &[1, out as i64, o as i64, o as i64]);
+        folds_exactly(&b.build(), &[1, c, size, size], seed)?;
+    }
+
+    /// Two Gemm heads on one input, each after its own BatchNormalization, summed, `/ 2`.
+    #[test]
+    fn summed_heads_then_half(
+        (m, c, n) in (1usize..4, 1usize..7, 1usize..7),
+        seed in 0u64..1000,
+    ) {
+        let mut b = Builder::new(&[m as i64, c as i64]).seeded(seed);
+        let x = b.node("Relu", &["x"], vec![]);
+        let mut heads = Vec::new();
+        for _ in 0..2 {
+            let y = b.bn(&x, c, 1e-5);
+            let w = b.init(&[n, c], -0.5, 0.5);
+            let bias = b.init(&[n], -0.5, 0.5);
+            heads.push(b.node("Gemm", &[&y, &w, &bias], vec![new_int("transB", 1)]));
+        }
+        let sum = b.node("Add", &[&heads[0], &heads[1]], vec![]);
+        let two = b.constant(&[], vec![2.0]);
+        let z = b.node("Div", &[&sum, &two], vec![]);
+        b.output(&z, &[m as i64, n as i64]);
+        folds_exactly(&b.build(), &[m, c], seed)?;
+    }
+}
