@@ -1308,3 +1308,43 @@ pub fn features_of(kind: Kind, dims: &[usize]) -> (usize, usize) {
         Kind::ConvTranspose { group } => (dims[1] * group, dims[0]),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affines_compose_in_order() {
+        let first = Affine {
+            scale: vec![2.0, 3.0],
+            shift: vec![1.0, -1.0],
+        };
+        let then = Affine {
+            scale: vec![0.5, -1.0],
+            shift: vec![4.0, 0.0],
+        };
+        // (x·2 + 1)·0.5 + 4 = x + 4.5; (x·3 − 1)·(−1) = −3x + 1.
+        let both = first.then(&then);
+        assert_eq!(both.scale, vec![1.0, -3.0]);
+        assert_eq!(both.shift, vec![4.5, 1.0]);
+        assert_eq!(Affine::identity(2).then(&first), first);
+    }
+
+    #[test]
+    fn weights_hold_features_on_the_axes_onnx_defines() {
+        let gemm = |trans_b| Kind::Gemm {
+            trans_a: false,
+            trans_b,
+        };
+        assert_eq!(features_of(gemm(true), &[10, 24]), (10, 24));
+        assert_eq!(features_of(gemm(false), &[24, 10]), (10, 24));
+        assert_eq!(features_of(Kind::MatMul, &[24, 10]), (10, 24));
+        assert_eq!(features_of(Kind::Conv { group: 2 }, &[8, 6, 3, 3]), (8, 12));
+        assert_eq!(
+            features_of(Kind::ConvTranspose { group: 2 }, &[8, 3, 3, 3]),
+            (6, 8)
+        );
+        assert!(gemm(true).rows_are_outputs() && Kind::Conv { group: 1 }.rows_are_outputs());
+        assert!(!gemm(false).rows_are_outputs() && !Kind::MatMul.rows_are_outputs());
+    }
+}

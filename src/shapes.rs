@@ -565,6 +565,113 @@ mod tests {
         assert_eq!(matmul(&[4, 5], &[6, 7]), None);
     }
 
+    /// A model of `nodes` on input `x` of `shape`, with int64 initializers `ints`.
+    fn model(shape: &[i64], ints: &[(&str, Vec<i64>)], nodes: Vec<NodeProto>) -> crate::Model {
+        use crate::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto};
+        use prost::Message;
+        let initializer = ints
+            .iter()
+            .map(|(name, v)| TensorProto {
+                name: Some(name.to_string()),
+                dims: vec![v.len() as i64],
+                data_type: Some(7),
+                int64_data: v.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let graph = GraphProto {
+            node: nodes,
+            input: vec![crate::onnx::info::tensor("x", 1, shape)],
+            initializer,
+            ..Default::default()
+        };
+        let model = ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(graph),
+            ..Default::default()
+        };
+        let bytes = model.encode_to_vec().into();
+        crate::Model::from_bytes(std::path::Path::new("t.onnx"), bytes, None).unwrap()
+    }
+
+    fn node(
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attribute: Vec<crate::onnx::proto::AttributeProto>,
+    ) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            attribute,
+            ..Default::default()
+        }
+    }
+
+    /// Shapes through what exporters put around attention and reshapes: Split, Slice (negative
+    /// and clamped bounds, steps), Gather, and Reshape targets computed from Shape with
+    /// arithmetic, Gather, Concat and Unsqueeze.
+    #[test]
+    fn shapes_follow_slices_splits_and_shape_arithmetic() {
+        let nodes = vec![
+            node(
+                "Split",
+                &["x", "sizes"],
+                &["a", "b"],
+                vec![attr::new_int("axis", 1)],
+            ),
+            node(
+                "Slice",
+                &["x", "starts", "ends", "axes", "steps"],
+                &["s"],
+                vec![],
+            ),
+            node(
+                "Gather",
+                &["x", "one"],
+                &["g"],
+                vec![attr::new_int("axis", 2)],
+            ),
+            node("Shape", &["x"], &["shape"], vec![]),
+            node("Gather", &["shape", "two"], &["h"], vec![]),
+            node("Div", &["h", "two"], &["half"], vec![]),
+            node("Mul", &["half", "two"], &["whole"], vec![]),
+            node(
+                "Concat",
+                &["one", "whole", "minus"],
+                &["target"],
+                vec![attr::new_int("axis", 0)],
+            ),
+            node("Reshape", &["x", "target"], &["r"], vec![]),
+        ];
+        let ints = [
+            ("sizes", vec![2, 4]),
+            ("starts", vec![-1, 0]),
+            ("ends", vec![-100, 100]),
+            ("axes", vec![1, 3]),
+            ("steps", vec![-2, 3]),
+            ("one", vec![1]),
+            ("two", vec![2]),
+            ("minus", vec![-1]),
+        ];
+        let model = model(&[2, 6, 4, 10], &ints, nodes);
+        let graph = crate::graph::GraphIndex::new(&model).unwrap();
+        let index = Constants::new(&graph);
+        let shapes = Shapes::infer(&index, None);
+        let shape = |v: &str| shapes.get(&index, v);
+        assert_eq!(shape("a"), Some(vec![2, 2, 4, 10]));
+        assert_eq!(shape("b"), Some(vec![2, 4, 4, 10]));
+        // Axis 1 from 5 down to 0 by 2 (3 values); axis 3 from 0 to 10 by 3 (4 values).
+        assert_eq!(shape("s"), Some(vec![2, 3, 4, 4]));
+        assert_eq!(shape("g"), Some(vec![2, 6, 1, 10]));
+        assert_eq!(shape("r"), Some(vec![1, 4, 120]));
+    }
+
     #[test]
     fn broadcasting_follows_numpy() {
         assert_eq!(broadcast(&[1, 8, 4, 4], &[8, 1, 1]), Some(vec![1, 8, 4, 4]));
