@@ -87,6 +87,7 @@ def fuse(
     :func:`fuse_file` for models with external data or over 2 GiB.
 
     ``report`` is the object ``onnx-repvgg fuse --json`` prints: ``summary``, ``fused``,
+    ``folds`` (linear folds), ``bn_left`` (BatchNormalization nodes left, with the reason),
     ``skipped``, and ``input``/``output`` (both ``"<memory>"``) and ``dry_run`` (False).
 
     - ``verify``: check every fused block against its original subgraph (``--no-verify``).
@@ -148,7 +149,8 @@ def inspect(
     ``(320, 256)`` or ``"320x256"`` (by default the model's declared size, or 224 where it is
     symbolic).
 
-    Returns ``{"summary": {...}, "blocks": [...]}``. Raises :class:`Error` on any failure.
+    Returns ``{"summary": {...}, "blocks": [...], "folds": [...], "bn_left": [...]}``. Raises
+    :class:`Error` on any failure.
     """
     size = _input_size(input_size)
     if isinstance(model, (str, os.PathLike)):
