@@ -37,6 +37,12 @@ impl Finder<'_, '_, '_> {
             return Ok(());
         };
         let Some(shape) = self.shape(&x) else {
+            if node.op_type() == "BatchNormalization" {
+                self.reasons.borrow_mut().entry(n).or_insert(format!(
+                    "the shape of '{x}' is not static (a symbolic size): where its features go \
+                     cannot be followed"
+                ));
+            }
             return Ok(());
         };
         // The feature axis: a BatchNormalization's is 1; a constant's is where it has more than
