@@ -182,10 +182,8 @@ fn new_conv(index: &GraphIndex, plan: &BlockPlan) -> NodeProto {
 /// and beta folded in); a MatMul, which has no bias, then adds it.
 fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
     let first = index.node(plan.at);
-    let (weight, bias) = (
-        format!("{}.weight", plan.node_name),
-        format!("{}.bias", plan.node_name),
-    );
+    let weight = format!("{}.weight", plan.node_name);
+    let bias = plan.has_bias().then(|| format!("{}.bias", plan.node_name));
     let node = |op: &str, input: Vec<String>, output: &str, name: String| NodeProto {
         input,
         output: vec![output.to_string()],
@@ -193,14 +191,15 @@ fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
         op_type: Some(op.into()),
         ..Default::default()
     };
-    match plan.kind {
-        Kind::MatMul if plan.as_gemm => vec![node(
-            "Gemm",
-            vec![plan.input.clone(), weight, bias],
-            &plan.output,
-            plan.node_name.clone(),
-        )],
-        Kind::MatMul => {
+    let inputs = |weight: String| {
+        [
+            vec![plan.input.clone(), weight],
+            bias.iter().cloned().collect(),
+        ]
+        .concat()
+    };
+    match (plan.kind, &bias) {
+        (Kind::MatMul, Some(bias)) if !plan.as_gemm => {
             let product = format!("{}.matmul", plan.node_name);
             vec![
                 node(
@@ -211,13 +210,19 @@ fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
                 ),
                 node(
                     "Add",
-                    vec![product, bias],
+                    vec![product, bias.clone()],
                     &plan.output,
                     format!("{}.add", plan.node_name),
                 ),
             ]
         }
-        kind => {
+        (Kind::MatMul, _) => vec![node(
+            plan.op(),
+            inputs(weight),
+            &plan.output,
+            plan.node_name.clone(),
+        )],
+        (kind, _) => {
             let keep = |a: &&crate::onnx::proto::AttributeProto| {
                 !(matches!(kind, Kind::Gemm { .. }) && matches!(a.name(), "alpha" | "beta"))
             };
@@ -225,7 +230,7 @@ fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
                 attribute: first.attribute.iter().filter(keep).cloned().collect(),
                 ..node(
                     kind.op(),
-                    vec![plan.input.clone(), weight, bias],
+                    inputs(weight),
                     &plan.output,
                     plan.node_name.clone(),
                 )
@@ -234,8 +239,9 @@ fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
     }
 }
 
-/// The fused weight and bias of plan `index`, in the weight's element type.
-fn new_tensors(index: usize, plan: Plan) -> [NewTensor; 2] {
+/// The fused weight and bias of plan `index`, in the weight's element type (no bias for a
+/// linear fold that has none).
+fn new_tensors(index: usize, plan: Plan) -> Vec<NewTensor> {
     let tensor = |suffix: &str, dims: Vec<usize>, slot: usize| NewTensor {
         name: format!("{}.{suffix}", plan.node_name()),
         dims,
@@ -243,8 +249,13 @@ fn new_tensors(index: usize, plan: Plan) -> [NewTensor; 2] {
         plan: index,
         slot,
     };
-    [
-        tensor("weight", plan.weight_dims(), 0),
-        tensor("bias", vec![plan.outputs()], 1),
-    ]
+    let bias = match plan {
+        Plan::Linear(p) => p.has_bias(),
+        Plan::Conv(_) => true,
+    };
+    let mut tensors = vec![tensor("weight", plan.weight_dims(), 0)];
+    if bias {
+        tensors.push(tensor("bias", vec![plan.outputs()], 1));
+    }
+    tensors
 }

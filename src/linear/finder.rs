@@ -120,13 +120,15 @@ impl Finder<'_, '_, '_> {
         if self.index.is_output(value) {
             return None;
         }
-        let users: Vec<usize> = self
+        let mut users: Vec<usize> = self
             .index
             .consumers(value)
             .iter()
             .copied()
             .filter(|&c| self.node(c).op_type() != "Shape")
             .collect();
+        // A node reading the value twice (`x + x`) is one consumer.
+        users.dedup();
         match users.as_slice() {
             [one] => Some(*one),
             _ => None,
@@ -198,6 +200,13 @@ impl Finder<'_, '_, '_> {
                 let (constant, left) = match (a.as_str() == value, b.as_str() == value) {
                     (true, false) => (b, true),
                     (false, true) => (a, false),
+                    // `x + x`: twice `x`.
+                    (true, true) if op == "Add" => {
+                        return Ok(Some(Affine {
+                            scale: vec![2.0; n],
+                            shift: vec![0.0; n],
+                        }));
+                    }
                     _ => return Ok(None),
                 };
                 let Some(k) = self.per_feature(constant, f)? else {

@@ -158,6 +158,16 @@ pub struct LinearPlan {
 }
 
 impl LinearPlan {
+    /// Whether the fused operator needs a bias: some head has one, or a shift was folded in
+    /// (before the operator or after it). Without, none is written.
+    pub fn has_bias(&self) -> bool {
+        let shifts = |a: &Affine| a.shift.iter().any(|&s| s != 0.0);
+        self.heads
+            .iter()
+            .any(|h| h.bias.is_some() || h.pre.as_ref().is_some_and(shifts))
+            || shifts(&self.post)
+    }
+
     /// The operator written: that of the plan's kind, but `Gemm` for a MatMul of a matrix.
     pub fn op(&self) -> &'static str {
         match self.as_gemm {

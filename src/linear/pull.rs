@@ -65,7 +65,8 @@ impl Finder<'_, '_, '_> {
             };
             if let Some(affine) = self.scale_of(c, &value, &here)? {
                 post = post.then(&affine);
-                scaled |= self.node(c).op_type() != "Add" || !scales.is_empty();
+                // A lone bias `Add` is no fold (a Linear's own bias stays as it is).
+                scaled |= affine.scale.iter().any(|&s| s != 1.0) || !scales.is_empty();
                 scales.push(c);
                 steps.push((c, None, here.shape.clone()));
                 value = next.clone();
@@ -162,6 +163,9 @@ impl Finder<'_, '_, '_> {
                         }
                     }
                 }
+                // A node reading a scale twice is listed twice among its consumers.
+                rewired.sort_by_key(|r| (r.node, r.slot));
+                rewired.dedup();
                 if scales
                     .iter()
                     .any(|&c| self.index.is_output(&self.node(c).output[0]))

@@ -46,51 +46,64 @@ impl Finder<'_, '_, '_> {
             return Ok(());
         };
         // The feature axis: a BatchNormalization's is 1; a constant's is where it has more than
-        // one value (or 1, for one value for all, taken as the channels of a feature map).
-        let axis = match node.op_type() {
-            "BatchNormalization" => 1,
+        // one value. A scale the same for all (one value, `x + x`) is one per feature on any
+        // axis: the last (a MatMul's or Gemm's) is tried, then 1 (a Conv's).
+        let axes = match node.op_type() {
+            "BatchNormalization" => vec![1],
             _ => {
                 let other = &node.input[1 - data];
-                let Some(dims) = self.index.tensor_dims(other) else {
+                let dims = match other == &x {
+                    true => Some(Vec::new()),
+                    false => self.index.tensor_dims(other),
+                };
+                let Some(dims) = dims else {
                     return Ok(());
                 };
                 let offset = shape.len().saturating_sub(dims.len());
                 match dims.iter().position(|&d| d > 1) {
-                    Some(j) => offset + j,
-                    None => return Ok(()),
+                    Some(j) => vec![offset + j],
+                    None => {
+                        let mut axes = vec![shape.len().saturating_sub(1), 1];
+                        axes.dedup();
+                        axes
+                    }
                 }
             }
         };
-        let Some(f) = Features::new(shape, axis) else {
-            return Ok(());
-        };
-        let affine = match self.scale_of(n, &x, &f) {
-            Ok(Some(a)) => a,
-            Ok(None) => return Ok(()),
-            Err(stop) => return stop.settle(&self.training),
-        };
-        let mut reached = Vec::new();
-        let mut rewired = Vec::new();
-        let mut removed = vec![n];
         let out = node.output[0].clone();
-        let mut trail = Trail {
-            reached: &mut reached,
-            rewired: &mut rewired,
-            removed: &mut removed,
-        };
-        match self.follow(&out, &x, f, affine, &mut trail, 0) {
-            Ok(()) => {}
-            Err(Stop::Reason(reason)) => {
-                if self.node(n).op_type() == "BatchNormalization" {
-                    self.reasons.borrow_mut().entry(n).or_insert(reason);
+        let mut found = None;
+        for axis in axes {
+            let Some(f) = Features::new(shape.clone(), axis) else {
+                continue;
+            };
+            let affine = match self.scale_of(n, &x, &f) {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(stop) => return stop.settle(&self.training),
+            };
+            let (mut reached, mut rewired, mut removed) = (Vec::new(), Vec::new(), vec![n]);
+            let mut trail = Trail {
+                reached: &mut reached,
+                rewired: &mut rewired,
+                removed: &mut removed,
+            };
+            match self.follow(&out, &x, f, affine, &mut trail, 0) {
+                Ok(()) if !reached.is_empty() => {
+                    found = Some((reached, rewired, removed));
+                    break;
                 }
-                return Ok(());
+                Ok(()) => {}
+                Err(Stop::Reason(reason)) => {
+                    if self.node(n).op_type() == "BatchNormalization" {
+                        self.reasons.borrow_mut().entry(n).or_insert(reason);
+                    }
+                }
+                Err(stop) => return stop.settle(&self.training),
             }
-            Err(stop) => return stop.settle(&self.training),
         }
-        if reached.is_empty() {
+        let Some((mut reached, mut rewired, mut removed)) = found else {
             return Ok(());
-        }
+        };
         if let Some((before, after)) = self.transposes_around(&x, &rewired, &reached) {
             // `Transpose → scale → Transpose` back: all three go, the linear nodes read what
             // the first one read.
@@ -181,7 +194,9 @@ impl Finder<'_, '_, '_> {
         if self.index.is_output(value) {
             return Err(Stop::Reason(format!("'{value}' is a graph output")));
         }
-        let users = self.index.consumers(value).to_vec();
+        // A node reading the value twice (`x + x`) is one consumer.
+        let mut users = self.index.consumers(value).to_vec();
+        users.dedup();
         if users.is_empty() {
             return Err(Stop::Reason(format!("nothing reads '{value}'")));
         }

@@ -58,7 +58,9 @@ pub fn describe(index: &Constants, plan: &LinearPlan) -> FoldInfo {
     taken.dedup();
     // The scales among what goes: not views, not the sum of the heads.
     let folded = taken.iter().map(|&n| index.node(n)).filter(|node| {
-        let sum = node.op_type() == "Add" && node.input.iter().all(|v| heads.contains(v.as_str()));
+        let sum = plan.heads.len() > 1
+            && node.op_type() == "Add"
+            && node.input.iter().all(|v| heads.contains(v.as_str()));
         SCALES.contains(&node.op_type()) && !sum
     });
     let folded: Vec<String> = folded.map(|node| node.op_type().to_string()).collect();
@@ -95,7 +97,7 @@ pub fn describe(index: &Constants, plan: &LinearPlan) -> FoldInfo {
         heads: plan.heads.len(),
         folded,
         params_before,
-        params_after: (weights + plan.out_features) as u64,
+        params_after: (weights + plan.has_bias() as usize * plan.out_features) as u64,
         rounding_error: None,
         deviation: None,
     }

@@ -192,3 +192,69 @@ proptest! {
         folds_exactly(&b.build(), &[m, c], seed)?;
     }
 }
+
+/// A scale the same for every feature — `x + x`, a scalar `Mul` — folds on whichever axis the
+/// operator beside it sums over, before or after it; no bias is added where none is needed.
+#[test]
+fn uniform_scales_fold_on_any_axis() {
+    use crate::common::builder::Builder;
+    let cases: [(&str, fn(&mut Builder) -> (String, Vec<i64>)); 4] = [
+        ("x + x → Gemm", |b| {
+            let x = b.node("Relu", &["x"], vec![]);
+            let d = b.node("Add", &[&x, &x], vec![]);
+            let w = b.init(&[4, 6], -0.5, 0.5);
+            let bias = b.init(&[4], -0.5, 0.5);
+            (
+                b.node("Gemm", &[&d, &w, &bias], vec![new_int("transB", 1)]),
+                vec![2, 4],
+            )
+        }),
+        ("Gemm → y + y", |b| {
+            let w = b.init(&[4, 6], -0.5, 0.5);
+            let y = b.node("Gemm", &["x", &w], vec![new_int("transB", 1)]);
+            (b.node("Add", &[&y, &y], vec![]), vec![2, 4])
+        }),
+        ("scalar Mul → MatMul on tokens", |b| {
+            let x = b.node("Relu", &["x"], vec![]);
+            let s = b.constant(&[1], vec![0.5]);
+            let m = b.node("Mul", &[&x, &s], vec![]);
+            let w = b.init(&[6, 4], -0.5, 0.5);
+            (b.node("MatMul", &[&m, &w], vec![]), vec![2, 3, 4])
+        }),
+        ("scalar Mul → Conv", |b| {
+            let x = b.node("Relu", &["x"], vec![]);
+            let s = b.constant(&[], vec![-1.5]);
+            let m = b.node("Mul", &[&s, &x], vec![]);
+            let w = b.init(&[4, 6, 1, 1], -0.5, 0.5);
+            (b.node("Conv", &[&m, &w], vec![]), vec![1, 4, 3, 3])
+        }),
+    ];
+    let inputs: [&[usize]; 4] = [&[2, 6], &[2, 6], &[2, 3, 6], &[1, 6, 3, 3]];
+    for ((label, build), shape) in cases.into_iter().zip(inputs) {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let mut b = Builder::new(&dims);
+        let (z, out) = build(&mut b);
+        b.output(&z, &out);
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
+        std::fs::write(&src, b.build()).unwrap();
+        let run = fuse(&src, &dst, &[]);
+        assert!(
+            run.status.success(),
+            "{label}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let ops = op_histogram(&dst);
+        assert!(
+            !ops.contains_key("Add") && !ops.contains_key("Mul"),
+            "{label}: {ops:?}"
+        );
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.37 - 1.0).collect();
+        let x: Tensor = tract_ndarray::ArrayD::from_shape_vec(shape, values)
+            .unwrap()
+            .into();
+        let rel = relative_error(&run_tract(&src, &x)[0], &run_tract(&dst, &x)[0]);
+        assert!(rel < 1e-6, "{label}: relative error {rel}");
+    }
+}
