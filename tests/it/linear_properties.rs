@@ -198,7 +198,9 @@ proptest! {
 #[test]
 fn uniform_scales_fold_on_any_axis() {
     use crate::common::builder::Builder;
-    let cases: [(&str, fn(&mut Builder) -> (String, Vec<i64>)); 4] = [
+    // Each case builds its graph on `x` and returns its output and the output's shape.
+    type Case = (&'static str, fn(&mut Builder) -> (String, Vec<i64>));
+    let cases: [Case; 4] = [
         ("x + x → Gemm", |b| {
             let x = b.node("Relu", &["x"], vec![]);
             let d = b.node("Add", &[&x, &x], vec![]);
