@@ -9,7 +9,9 @@ use crate::common::builder::Builder;
 use crate::common::*;
 use crate::properties::config;
 use onnx_repvgg::onnx::attr::{new_float, new_int, new_ints};
+use onnx_repvgg::onnx::proto::ModelProto;
 use proptest::prelude::*;
+use prost::Message;
 use tract_onnx::prelude::*;
 
 /// Fuses `model`, checks that no BatchNormalization is left and that tract computes the same
@@ -258,5 +260,101 @@ fn uniform_scales_fold_on_any_axis() {
             .into();
         let rel = relative_error(&run_tract(&src, &x)[0], &run_tract(&dst, &x)[0]);
         assert!(rel < 1e-6, "{label}: relative error {rel}");
+    }
+}
+
+/// Float16 models fold in f64 and keep float16 weights: MatMul → BN, ConvTranspose → BN and
+/// BN → Conv, compared (in tract) with the same values computed in float32.
+#[test]
+fn float16_folds_keep_half_weights_and_close_outputs() {
+    use crate::common::builder::Builder;
+    use crate::properties::{round_to_f16, to_f16};
+    type Case = (
+        &'static str,
+        fn(&mut Builder) -> (String, Vec<i64>),
+        &'static [usize],
+    );
+    let cases: [Case; 3] = [
+        (
+            // (tract runs no float16 Gemm: tokens keep it a MatMul.)
+            "MatMul → BN on tokens",
+            |b| {
+                let w = b.init(&[6, 5], -0.5, 0.5);
+                let y = b.node("MatMul", &["x", &w], vec![]);
+                let t = b.node("Transpose", &[&y], vec![new_ints("perm", [0, 2, 1])]);
+                let t = b.bn(&t, 5, 1e-5);
+                let z = b.node("Transpose", &[&t], vec![new_ints("perm", [0, 2, 1])]);
+                (z, vec![2, 3, 5])
+            },
+            &[2, 3, 6],
+        ),
+        (
+            "ConvTranspose → BN",
+            |b| {
+                let w = b.init(&[4, 3, 2, 2], -0.5, 0.5);
+                let attrs = vec![new_ints("strides", [2, 2]), new_int("group", 2)];
+                let y = b.node("ConvTranspose", &["x", &w], attrs);
+                (b.bn(&y, 6, 1e-5), vec![1, 6, 6, 6])
+            },
+            &[1, 4, 3, 3],
+        ),
+        (
+            "BN → Conv",
+            |b| {
+                let x = b.node("Relu", &["x"], vec![]);
+                let y = b.bn(&x, 4, 1e-3);
+                let w = b.init(&[6, 4, 1, 1], -0.5, 0.5);
+                (b.node("Conv", &[&y, &w], vec![]), vec![1, 6, 3, 3])
+            },
+            &[1, 4, 3, 3],
+        ),
+    ];
+    for (label, build, shape) in cases {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let model = |half: bool| {
+            let mut b = Builder::new(&dims);
+            let (z, out) = build(&mut b);
+            b.output(&z, &out);
+            match half {
+                true => to_f16(&mut b, false),
+                false => round_to_f16(&mut b),
+            }
+            b.build()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("half.onnx"), model(true)).unwrap();
+        std::fs::write(path("single.onnx"), model(false)).unwrap();
+        let run = fuse(&path("half.onnx"), &path("out.onnx"), &[]);
+        assert!(
+            run.status.success(),
+            "{label}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let ops = op_histogram(&path("out.onnx"));
+        assert!(!ops.contains_key("BatchNormalization"), "{label}: {ops:?}");
+        let bytes = std::fs::read(path("out.onnx")).unwrap();
+        let graph = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+        for t in &graph.initializer {
+            assert_eq!(
+                t.data_type,
+                Some(10),
+                "{label}: {} is not float16",
+                t.name()
+            );
+        }
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| (i % 9) as f32 * 0.25 - 1.0).collect();
+        let x32: Tensor = tract_ndarray::ArrayD::from_shape_vec(shape, values.clone())
+            .unwrap()
+            .into();
+        let half: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let x16: Tensor = tract_ndarray::ArrayD::from_shape_vec(shape, half)
+            .unwrap()
+            .into();
+        let want = run_tract(&path("single.onnx"), &x32);
+        let got = run_tract(&path("out.onnx"), &x16);
+        let rel = relative_error(&want[0], &got[0]);
+        assert!(rel < 1e-2, "{label}: relative error {rel}");
     }
 }

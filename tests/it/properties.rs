@@ -123,7 +123,7 @@ fn input_f16(g: &Geometry, seed: u64) -> (Tensor, Tensor) {
 }
 
 /// Rounds every float32 initializer to float16 values (still float32: they are exact there).
-fn round_to_f16(b: &mut Builder) {
+pub(crate) fn round_to_f16(b: &mut Builder) {
     for t in &mut b.graph.initializer {
         for v in &mut t.float_data {
             *v = f16::from_f32(*v).to_f32();
@@ -133,7 +133,7 @@ fn round_to_f16(b: &mut Builder) {
 
 /// Makes the model float16: every float32 initializer becomes FLOAT16 (as little-endian
 /// `raw_data`, or as bit patterns in `int32_data`), and the graph's input and output float16.
-fn to_f16(b: &mut Builder, raw: bool) {
+pub(crate) fn to_f16(b: &mut Builder, raw: bool) {
     for t in &mut b.graph.initializer {
         if t.data_type != Some(1) {
             continue;
