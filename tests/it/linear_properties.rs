@@ -3,7 +3,8 @@
 //! or a MatMul on tokens behind Transposes; before a Gemm (through pooling and Flatten) or an
 //! unpadded Conv (any stride, dilation, group); after a ConvTranspose (any stride, group,
 //! pads); summed Gemm heads then `/ 2`. Each is fused by the real binary: no
-//! BatchNormalization is left and tract computes the same outputs as for the original.
+//! BatchNormalization is left and tract computes the same outputs as for the original. Then
+//! scales the same for every feature (`x + x`, a scalar `Mul`), and float16 models.
 
 use crate::common::builder::Builder;
 use crate::common::*;
