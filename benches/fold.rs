@@ -8,7 +8,7 @@ use ndarray::{Array1, ArrayD, IxDyn};
 use onnx_repvgg::layout::Geometry;
 use onnx_repvgg::layout::Layout;
 use onnx_repvgg::recipe::spec::DenseConv;
-use onnx_repvgg::recipe::{Recipe, Source};
+use onnx_repvgg::recipe::{Recipe, Rows, Source};
 use onnx_repvgg::tensor::{Data, FloatType, to_le_bytes};
 use std::hint::black_box;
 

@@ -155,6 +155,14 @@ impl<'m> GraphIndex<'m> {
         self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// The nodes that read `value`, each once (a node reading it in two slots, as `x + x`, is
+    /// one reader), in graph order.
+    pub fn readers(&self, value: &str) -> Vec<usize> {
+        let mut readers = self.consumers(value).to_vec();
+        readers.dedup();
+        readers
+    }
+
     /// Whether `value` is a sparse initializer of the main graph.
     pub fn is_sparse(&self, value: &str) -> bool {
         self.sparse.contains(value)

@@ -69,8 +69,8 @@ pub fn check(need: u64, what: &str) -> Result<()> {
 /// Memory folding the plans takes beyond the mapped files, for the hungriest block (blocks are
 /// written one at a time, and checked one behind): the encoded chunks in flight (those folded
 /// ahead of the writer and those being folded), each worker's row buffers (at most a row each),
-/// the sampled rows of up to three blocks as written (the check decodes one row at a time) and,
-/// for tensors stored as typed fields rather than raw bytes, their values decoded whole.
+/// what the check holds and, for tensors stored as typed fields rather than raw bytes, their
+/// values decoded whole.
 pub fn working_memory(index: &Constants, plans: &[Plan]) -> u64 {
     let threads = crate::producer::workers() as u64;
     let block = |p: &Plan| {
@@ -80,16 +80,20 @@ pub fn working_memory(index: &Constants, plans: &[Plan]) -> u64 {
         let chunk = row.max(crate::producer::CHUNK_ELEMENTS as u64) * size;
         let in_flight = (crate::producer::AHEAD_PER_WORKER as u64 + 1) * threads * chunk;
         let rows = threads * 2 * row * 8;
-        let sampled = match p {
-            Plan::Conv(p) => crate::verify::sample(&p.layout, &p.name).len() as u64,
-            // A linear fold is checked whole, every value in f64 (its input and output too).
-            Plan::Linear(p) => {
-                dims[0] as u64 * (1 + 8 / size)
-                    + 4 * p.source_shape.iter().product::<usize>() as u64 / row.max(1)
+        let checked = match p {
+            // Sampled rows of up to three blocks as written; the check decodes one at a time.
+            Plan::Conv(p) => {
+                let sampled = crate::verify::sample(&p.layout, &p.name).len() as u64;
+                3 * sampled * row * size + row * 8
             }
-        } * row
-            * size;
-        let checked = 3 * sampled + row * 8;
+            // A linear fold's whole weight as written, then in f64 in both graphs the check
+            // evaluates, and the values they compute (about four of its input's size).
+            Plan::Linear(p) => {
+                let weights = dims[0] as u64 * row;
+                let values = p.source_shape.iter().product::<usize>() as u64;
+                weights * size + 2 * weights * 8 + 4 * values * 8
+            }
+        };
         let typed = p
             .nodes()
             .iter()

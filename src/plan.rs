@@ -124,7 +124,7 @@ impl<'a> Plan<'a> {
     pub fn outputs(&self) -> usize {
         match self {
             Plan::Conv(p) => p.layout.out_channels,
-            Plan::Linear(p) => p.out_features,
+            Plan::Linear(p) => p.features().0,
         }
     }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::fold::{self, FoldError};
 use crate::plan::Plan;
 use crate::recipe::scaled::Scaled;
-use crate::recipe::{Recipe, Rounding};
+use crate::recipe::{Rounding, Rows};
 use crate::tensor::{self, FloatType};
 
 /// Weights folded at a time (whole output channels, at least one): 1 MB as float32.
@@ -32,54 +32,10 @@ struct Task {
     rows: Range<usize>,
 }
 
-/// How a plan's fused weight is computed, row by row: a convolution block's [`Recipe`], or a
-/// linear fold's [`Scaled`] weights.
-pub enum Kernel {
-    Conv(Recipe),
-    Scaled(Scaled),
-}
-
-impl Kernel {
-    fn row_len(&self) -> usize {
-        match self {
-            Kernel::Conv(r) => r.row_len(),
-            Kernel::Scaled(s) => s.row_len(),
-        }
-    }
-
-    fn bias(&self) -> &[f64] {
-        match self {
-            Kernel::Conv(r) => &r.bias,
-            Kernel::Scaled(s) => &s.bias,
-        }
-    }
-
-    fn encode_rows(
-        &self,
-        rows: Range<usize>,
-        ty: FloatType,
-        out: &mut [u8],
-        acc: &mut Vec<f64>,
-        scratch: &mut Vec<f64>,
-    ) -> Rounding {
-        match self {
-            Kernel::Conv(r) => r.encode_rows(rows, ty, out, acc, scratch),
-            Kernel::Scaled(s) => s.encode_rows(rows, ty, out, acc, scratch),
-        }
-    }
-
-    fn stored_rows(&self, rows: Range<usize>) -> Vec<&[u8]> {
-        match self {
-            Kernel::Conv(r) => r.stored_rows(rows).collect(),
-            Kernel::Scaled(s) => s.stored_rows(rows).collect(),
-        }
-    }
-}
-
 /// A block's kernel, built by the first worker that needs it and dropped once it is written.
 enum Slot {
     Empty,
-    Ready(Arc<Kernel>),
+    Ready(Arc<dyn Rows>),
     /// The fold failed (the error, until the writer takes it).
     Failed(Option<Error>),
     Done,
@@ -235,7 +191,7 @@ impl<'a, 'm> Producer<'a, 'm> {
             // A panic must not leave the writer waiting: it fails the block instead.
             let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.recipe(task.position)
-                    .map(|recipe| Chunk::encode(&recipe, task.rows.clone(), dtype, buffer))
+                    .map(|recipe| Chunk::encode(recipe.as_ref(), task.rows.clone(), dtype, buffer))
             }))
             .ok()
             .flatten();
@@ -250,11 +206,11 @@ impl<'a, 'm> Producer<'a, 'm> {
     }
 
     /// The recipe of the block at `position`, built on first use; `None` when its fold failed.
-    fn recipe(&self, position: usize) -> Option<Arc<Kernel>> {
+    fn recipe(&self, position: usize) -> Option<Arc<dyn Rows>> {
         let mut slot = lock(&self.slots[position]);
         if matches!(*slot, Slot::Empty) {
             *slot = match self.build(self.plans[self.order[position]]) {
-                Ok(recipe) => Slot::Ready(Arc::new(recipe)),
+                Ok(recipe) => Slot::Ready(recipe),
                 Err(e) => Slot::Failed(Some(e)),
             };
         }
@@ -264,10 +220,10 @@ impl<'a, 'm> Producer<'a, 'm> {
         }
     }
 
-    fn build(&self, plan: Plan) -> Result<Kernel> {
+    fn build(&self, plan: Plan) -> Result<Arc<dyn Rows>> {
         let failed = |reason: String| Error::Graph(format!("block '{}' {reason}", plan.name()));
         let plan = match plan {
-            Plan::Linear(plan) => return Scaled::build(self.index, plan).map(Kernel::Scaled),
+            Plan::Linear(plan) => return Ok(Arc::new(Scaled::build(self.index, plan)?)),
             Plan::Conv(plan) => plan,
         };
         match fold::recipe(
@@ -276,7 +232,7 @@ impl<'a, 'm> Producer<'a, 'm> {
             plan.options,
             plan.spatial.as_deref(),
         ) {
-            Ok(r) if r.layout.weight_dims() == plan.layout.weight_dims() => Ok(Kernel::Conv(r)),
+            Ok(r) if r.layout.weight_dims() == plan.layout.weight_dims() => Ok(Arc::new(r)),
             Ok(_) => Err(failed("folded to another shape than planned".into())),
             Err(FoldError::Invalid(e)) => Err(e),
             Err(FoldError::Skip(reason) | FoldError::Training(reason)) => {
@@ -517,7 +473,7 @@ thread_local! {
 }
 
 impl Chunk {
-    fn encode(recipe: &Kernel, rows: Range<usize>, ty: FloatType, mut encoded: Vec<u8>) -> Chunk {
+    fn encode(recipe: &dyn Rows, rows: Range<usize>, ty: FloatType, mut encoded: Vec<u8>) -> Chunk {
         // A recycled buffer mostly has the length already: no zeroing.
         encoded.resize(rows.len() * recipe.row_len() * ty.size(), 0);
         let rounding = ROWS.with_borrow_mut(|(acc, scratch)| {

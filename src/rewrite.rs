@@ -35,7 +35,7 @@ pub fn build(index: &GraphIndex, analysis: &Analysis) -> Patch {
                 let heads = plan.heads.iter().map(|h| h.node);
                 let nodes = heads.chain(plan.removed.iter().copied());
                 dropped.extend(nodes.map(|n| (n, plan.output.as_str())));
-                (plan.at, plan.input.as_str(), new_linear(index, plan))
+                (plan.at(), plan.input.as_str(), new_linear(index, plan))
             }
         };
         uses.add(input, 1);
@@ -181,7 +181,7 @@ fn new_conv(index: &GraphIndex, plan: &BlockPlan) -> NodeProto {
 /// The node(s) that replace a linear fold: its operator with the fused weight and bias (alpha
 /// and beta folded in); a MatMul, which has no bias, then adds it.
 fn new_linear(index: &GraphIndex, plan: &LinearPlan) -> Vec<NodeProto> {
-    let first = index.node(plan.at);
+    let first = index.node(plan.at());
     let weight = format!("{}.weight", plan.node_name);
     let bias = plan.has_bias().then(|| format!("{}.bias", plan.node_name));
     let node = |op: &str, input: Vec<String>, output: &str, name: String| NodeProto {

@@ -185,7 +185,7 @@ impl Shapes {
 
     /// Axes given as an attribute (older opsets) or as input `slot` (newer ones), made
     /// non-negative for `rank`.
-    fn axes(
+    pub(crate) fn axes(
         &self,
         index: &Constants,
         node: &NodeProto,
@@ -197,10 +197,7 @@ impl Shapes {
             None => self.ints(index, node.input.get(slot).filter(|v| !v.is_empty())?)?,
         };
         axes.iter()
-            .map(|&a| {
-                let a = if a < 0 { a + rank as i64 } else { a };
-                usize::try_from(a).ok().filter(|&a| a < rank)
-            })
+            .map(|&a| wrap(a, rank).filter(|&a| a < rank))
             .collect()
     }
 
@@ -208,13 +205,7 @@ impl Shapes {
     /// parts (the last smaller, as opset 18 allows).
     fn split(&self, index: &Constants, node: &NodeProto) -> Option<Vec<Vec<usize>>> {
         let x = self.get(index, node.input.first()?)?;
-        let axis = attr::int(node, "axis").unwrap_or(0);
-        let axis = if axis < 0 {
-            axis + x.len() as i64
-        } else {
-            axis
-        };
-        let axis = usize::try_from(axis).ok().filter(|&a| a < x.len())?;
+        let axis = wrap(attr::int(node, "axis").unwrap_or(0), x.len()).filter(|&a| a < x.len())?;
         let parts = node.output.len();
         let sizes: Vec<usize> = match attr::ints(node, "split") {
             Some(s) => s
@@ -321,12 +312,7 @@ impl Shapes {
             "Flatten" => {
                 let x = input(0)?;
                 let axis = attr::int(node, "axis").unwrap_or(1);
-                let axis = if axis < 0 {
-                    x.len() as i64 + axis
-                } else {
-                    axis
-                };
-                let axis = usize::try_from(axis).ok().filter(|&a| a <= x.len())?;
+                let axis = wrap(axis, x.len()).filter(|&a| a <= x.len())?;
                 let product = |d: &[usize]| d.iter().try_fold(1usize, |p, &v| p.checked_mul(v));
                 Some(vec![product(&x[..axis])?, product(&x[axis..])?])
             }
@@ -434,25 +420,15 @@ impl Shapes {
             "Gather" => {
                 let (x, indices) = (input(0)?, input(1)?);
                 let axis = attr::int(node, "axis").unwrap_or(0);
-                let axis = if axis < 0 {
-                    axis + x.len() as i64
-                } else {
-                    axis
-                };
-                let axis = usize::try_from(axis).ok().filter(|&a| a < x.len())?;
+                let axis = wrap(axis, x.len()).filter(|&a| a < x.len())?;
                 Some([&x[..axis], &indices, &x[axis + 1..]].concat())
             }
             "Concat" => {
                 let all: Vec<Vec<usize>> =
                     (0..node.input.len()).map(input).collect::<Option<_>>()?;
                 let first = all.first()?.clone();
-                let axis = attr::int(node, "axis")?;
-                let axis = if axis < 0 {
-                    first.len() as i64 + axis
-                } else {
-                    axis
-                };
-                let axis = usize::try_from(axis).ok().filter(|&a| a < first.len())?;
+                let axis =
+                    wrap(attr::int(node, "axis")?, first.len()).filter(|&a| a < first.len())?;
                 let mut out = first;
                 out[axis] = all
                     .iter()
@@ -462,6 +438,12 @@ impl Shapes {
             _ => None,
         }
     }
+}
+
+/// An axis attribute made non-negative for `rank` (negative ones count from the end); the
+/// caller bounds it.
+fn wrap(axis: i64, rank: usize) -> Option<usize> {
+    usize::try_from(if axis < 0 { axis + rank as i64 } else { axis }).ok()
 }
 
 /// A graph input's shape: batch 1 when symbolic, spatial axes from `spatial` when stated.

@@ -120,15 +120,8 @@ impl Finder<'_, '_, '_> {
         if self.index.is_output(value) {
             return None;
         }
-        let mut users: Vec<usize> = self
-            .index
-            .consumers(value)
-            .iter()
-            .copied()
-            .filter(|&c| self.node(c).op_type() != "Shape")
-            .collect();
-        // A node reading the value twice (`x + x`) is one consumer.
-        users.dedup();
+        let mut users = self.index.readers(value);
+        users.retain(|&c| self.node(c).op_type() != "Shape");
         match users.as_slice() {
             [one] => Some(*one),
             _ => None,
@@ -248,10 +241,9 @@ impl Finder<'_, '_, '_> {
         let Some(t) = self.index.constant(name) else {
             return Ok(None);
         };
-        let Ok(ty) = tensor::float_type(&t) else {
+        if tensor::float_type(&t).is_err() {
             return Ok(None);
-        };
-        let _ = ty;
+        }
         let values = tensor::read_f64(&t, &self.index.model.external)?;
         let dims = values.shape();
         let rank = f.shape.len();
@@ -333,22 +325,7 @@ impl Finder<'_, '_, '_> {
     pub(super) fn reduce_axes(&self, c: usize, rank: usize) -> Option<(Vec<usize>, bool)> {
         let node = self.node(c);
         let keep = attr::int(node, "keepdims").unwrap_or(1) != 0;
-        let axes: Vec<i64> = match attr::ints(node, "axes") {
-            Some(a) => a.to_vec(),
-            None => {
-                let t = self.index.constant(node.input.get(1)?)?;
-                tensor::read_i64(&t, &self.index.model.external)
-                    .ok()?
-                    .iter()
-                    .copied()
-                    .collect()
-            }
-        };
-        let axes = axes
-            .iter()
-            .map(|&a| usize::try_from(if a < 0 { a + rank as i64 } else { a }).ok())
-            .collect::<Option<Vec<usize>>>()?;
-        Some((axes, keep))
+        Some((self.shapes.axes(self.index, node, 1, rank)?, keep))
     }
 }
 

@@ -24,7 +24,6 @@ mod plans;
 mod pull;
 mod push;
 
-use crate::fold::FoldOptions;
 use crate::tensor::FloatType;
 
 pub use finder::analyse;
@@ -140,8 +139,6 @@ pub struct LinearPlan {
     pub ends: Vec<String>,
     /// Per output feature, after the heads' sum (bias `Add`s, BatchNormalization, scales).
     pub post: Affine,
-    /// The node the fused node takes the place of (the first head's).
-    pub at: usize,
     /// Nodes that go with this fold: the other heads, what was pulled, the sum, views that
     /// cancelled out.
     pub removed: Vec<usize>,
@@ -152,12 +149,18 @@ pub struct LinearPlan {
     /// The fused weight's dims and element type (the first head's).
     pub weight_dims: Vec<usize>,
     pub dtype: FloatType,
-    pub out_features: usize,
-    pub in_features: usize,
-    pub options: FoldOptions,
 }
 
 impl LinearPlan {
+    /// The node the fused node takes the place of: the first head's.
+    pub fn at(&self) -> usize {
+        self.heads[0].node
+    }
+
+    /// The output and the input features (see [`features_of`]).
+    pub fn features(&self) -> (usize, usize) {
+        features_of(self.kind, &self.weight_dims)
+    }
     /// Whether the fused operator needs a bias: some head has one, or a shift was folded in
     /// (before the operator or after it). Without, none is written.
     pub fn has_bias(&self) -> bool {

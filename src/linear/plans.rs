@@ -126,7 +126,7 @@ impl Finder<'_, '_, '_> {
             .ok_or_else(|| Error::Graph("a weight vanished".into()))?;
         let (dims, _) = tensor::shape(&w)?;
         let dtype = tensor::float_type(&w)?;
-        let (out_features, in_features) = features_of(kind, &dims);
+        let (out_features, _) = features_of(kind, &dims);
         let head = |m: usize| -> Head {
             let node = index.node(m);
             Head {
@@ -269,15 +269,11 @@ impl Finder<'_, '_, '_> {
                 as_gemm,
                 ends,
                 post,
-                at: n,
                 removed,
                 bns,
                 pushed,
                 weight_dims: dims,
                 dtype,
-                out_features,
-                in_features,
-                options: self.options,
             },
             rewired,
         )))

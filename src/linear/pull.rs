@@ -148,7 +148,7 @@ impl Finder<'_, '_, '_> {
                 for &c in &scales {
                     let scale = self.node(c);
                     let past = scale.input[self.data_slot(c)].clone();
-                    for &user in self.index.consumers(&scale.output[0]) {
+                    for user in self.index.readers(&scale.output[0]) {
                         if scales.contains(&user) {
                             continue;
                         }
@@ -163,9 +163,6 @@ impl Finder<'_, '_, '_> {
                         }
                     }
                 }
-                // A node reading a scale twice is listed twice among its consumers.
-                rewired.sort_by_key(|r| (r.node, r.slot));
-                rewired.dedup();
                 if scales
                     .iter()
                     .any(|&c| self.index.is_output(&self.node(c).output[0]))
@@ -205,7 +202,7 @@ impl Finder<'_, '_, '_> {
             .iter()
             .all(|(c, _, _)| scales.contains(c) || RESHAPES.contains(&self.node(*c).op_type()));
         let scaled = &self.node(steps[last].0).output[0];
-        let &[k] = self.index.consumers(scaled) else {
+        let [k] = self.index.readers(scaled)[..] else {
             return None;
         };
         let node = self.node(k);

@@ -138,7 +138,7 @@ impl Finder<'_, '_, '_> {
         };
         let before = self.index.producer(x)?;
         let after = rewire.node;
-        let [_] = self.index.consumers(x) else {
+        let [_] = self.index.readers(x)[..] else {
             return None;
         };
         let transpose = |n: usize| {
@@ -194,9 +194,7 @@ impl Finder<'_, '_, '_> {
         if self.index.is_output(value) {
             return Err(Stop::Reason(format!("'{value}' is a graph output")));
         }
-        // A node reading the value twice (`x + x`) is one consumer.
-        let mut users = self.index.consumers(value).to_vec();
-        users.dedup();
+        let users = self.index.readers(value);
         if users.is_empty() {
             return Err(Stop::Reason(format!("nothing reads '{value}'")));
         }

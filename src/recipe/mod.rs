@@ -141,41 +141,6 @@ impl Recipe {
         })
     }
 
-    /// The stored bytes of output channels `rows` of each stored kernel the recipe reads.
-    pub fn stored_rows(&self, rows: Range<usize>) -> impl Iterator<Item = &[u8]> {
-        let in_pg = self.layout.in_per_group;
-        self.parts
-            .iter()
-            .filter_map(move |part| match &part.source {
-                Source::Weights(Data::Raw(bytes, ty)) => {
-                    let row = in_pg * part.taps.len() * ty.size();
-                    bytes.get(rows.start * row..rows.end * row)
-                }
-                _ => None,
-            })
-    }
-
-    /// Values per output channel: `C/group · taps`.
-    pub fn row_len(&self) -> usize {
-        self.layout.in_per_group * self.layout.kernel.iter().product::<usize>()
-    }
-
-    /// Computes output channels `rows` in f64 and encodes them as `ty` into `out` (exactly
-    /// `rows` × [`Recipe::row_len`] values long); `acc` and `scratch` are reused buffers.
-    pub fn encode_rows(
-        &self,
-        rows: Range<usize>,
-        ty: FloatType,
-        out: &mut [u8],
-        acc: &mut Vec<f64>,
-        scratch: &mut Vec<f64>,
-    ) -> Rounding {
-        crate::simd::with_avx2(
-            #[inline(always)]
-            || self.encode_rows_here(rows, ty, out, acc, scratch),
-        )
-    }
-
     #[inline(always)]
     fn encode_rows_here(
         &self,
@@ -272,6 +237,70 @@ impl Recipe {
                 }
             }
         }
+    }
+}
+
+/// A fused weight computed row by row (output channels, or a linear weight's first axis) from
+/// the stored bytes, as the producer folds it: a block's [`Recipe`], or a linear fold's
+/// [`scaled::Scaled`].
+pub trait Rows: Send + Sync {
+    /// Values per row.
+    fn row_len(&self) -> usize;
+
+    /// The fused bias, one value per output channel or feature.
+    fn bias(&self) -> &[f64];
+
+    /// Computes rows `rows` in f64 and encodes them as `ty` into `out` (exactly `rows` ×
+    /// [`Rows::row_len`] values long); `acc` and `scratch` are reused buffers.
+    fn encode_rows(
+        &self,
+        rows: Range<usize>,
+        ty: FloatType,
+        out: &mut [u8],
+        acc: &mut Vec<f64>,
+        scratch: &mut Vec<f64>,
+    ) -> Rounding;
+
+    /// The stored bytes of rows `rows` of every stored weight read (to let their pages go once
+    /// written).
+    fn stored_rows(&self, rows: Range<usize>) -> Vec<&[u8]>;
+}
+
+impl Rows for Recipe {
+    /// The stored bytes of output channels `rows` of each stored kernel the recipe reads.
+    fn stored_rows(&self, rows: Range<usize>) -> Vec<&[u8]> {
+        let in_pg = self.layout.in_per_group;
+        let stored = self.parts.iter().filter_map(|part| match &part.source {
+            Source::Weights(Data::Raw(bytes, ty)) => {
+                let row = in_pg * part.taps.len() * ty.size();
+                bytes.get(rows.start * row..rows.end * row)
+            }
+            _ => None,
+        });
+        stored.collect()
+    }
+
+    /// Values per output channel: `C/group · taps`.
+    fn row_len(&self) -> usize {
+        self.layout.in_per_group * self.layout.kernel.iter().product::<usize>()
+    }
+
+    fn encode_rows(
+        &self,
+        rows: Range<usize>,
+        ty: FloatType,
+        out: &mut [u8],
+        acc: &mut Vec<f64>,
+        scratch: &mut Vec<f64>,
+    ) -> Rounding {
+        crate::simd::with_avx2(
+            #[inline(always)]
+            || self.encode_rows_here(rows, ty, out, acc, scratch),
+        )
+    }
+
+    fn bias(&self) -> &[f64] {
+        &self.bias
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use super::Rounding;
+use super::{Rounding, Rows};
 use crate::constant::Constants;
 use crate::error::{Error, Result};
 use crate::linear::{Affine, Kind, LinearPlan};
@@ -27,12 +27,11 @@ struct Part {
 /// The fused weight of a [`LinearPlan`], row by row, and its bias.
 #[derive(Debug, Clone)]
 pub struct Scaled {
-    rows: usize,
     row_len: usize,
     rows_per_group: usize,
     parts: Vec<Part>,
     /// The fused bias, one value per output feature.
-    pub bias: Vec<f64>,
+    bias: Vec<f64>,
 }
 
 impl Scaled {
@@ -44,7 +43,7 @@ impl Scaled {
         let taps: usize = dims.get(2..).map_or(1, |k| k.iter().product());
         let group = plan.kind.group().max(1);
         let rows_per_group = (rows / group).max(1);
-        let (outs, ins) = (plan.out_features, plan.in_features);
+        let (outs, ins) = plan.features();
         let mut parts = Vec::with_capacity(plan.heads.len());
         let mut pre_bias = vec![0.0; outs];
         for head in &plan.heads {
@@ -136,27 +135,23 @@ impl Scaled {
             .map(|o| pre_bias[o] * plan.post.scale[o] + plan.post.shift[o])
             .collect();
         Ok(Scaled {
-            rows,
             row_len,
             rows_per_group,
             parts,
             bias,
         })
     }
+}
 
+impl Rows for Scaled {
     /// Values per row (the weight's first axis).
-    pub fn row_len(&self) -> usize {
+    fn row_len(&self) -> usize {
         self.row_len
-    }
-
-    /// Rows (the weight's first axis).
-    pub fn rows(&self) -> usize {
-        self.rows
     }
 
     /// Computes rows `rows` in f64 and encodes them as `ty` into `out`; `acc` and `scratch` are
     /// reused buffers.
-    pub fn encode_rows(
+    fn encode_rows(
         &self,
         rows: Range<usize>,
         ty: FloatType,
@@ -193,14 +188,19 @@ impl Scaled {
     }
 
     /// The stored bytes of rows `rows` of every weight the recipe reads.
-    pub fn stored_rows(&self, rows: Range<usize>) -> impl Iterator<Item = &[u8]> {
+    fn stored_rows(&self, rows: Range<usize>) -> Vec<&[u8]> {
         let n = self.row_len;
-        self.parts.iter().filter_map(move |p| match &p.data {
+        let stored = self.parts.iter().filter_map(|p| match &p.data {
             Data::Raw(bytes, ty) => {
                 let size = ty.size();
                 bytes.get(rows.start * n * size..rows.end * n * size)
             }
             Data::Values(_) => None,
-        })
+        });
+        stored.collect()
+    }
+
+    fn bias(&self) -> &[f64] {
+        &self.bias
     }
 }

@@ -88,16 +88,17 @@ pub fn describe(index: &Constants, plan: &LinearPlan) -> FoldInfo {
     let params_before = plan.heads.iter().map(|h| constants(h.node)).sum::<u64>()
         + counted.map(constants).sum::<u64>();
     let weights: usize = plan.weight_dims.iter().product();
+    let (out_features, in_features) = plan.features();
     FoldInfo {
         name: plan.name.clone(),
         kind,
         op: plan.op().to_string(),
-        in_features: plan.in_features,
-        out_features: plan.out_features,
+        in_features,
+        out_features,
         heads: plan.heads.len(),
         folded,
         params_before,
-        params_after: (weights + plan.has_bias() as usize * plan.out_features) as u64,
+        params_after: (weights + plan.has_bias() as usize * out_features) as u64,
         rounding_error: None,
         deviation: None,
     }

@@ -135,34 +135,26 @@ pub fn check(
         new,
     };
     let mut fused = dense::Evaluator::new(&patched, &given);
-    let (mut abs, mut scale) = (0.0f64, 0.0f64);
+    let mut got = Vec::with_capacity(want.len());
     for (end, want) in plan.ends.iter().zip(&want) {
-        let got = fused
+        let value = fused
             .value(end)
             .map_err(|e| failure(format!("the fused model could not be evaluated: {e}")))?;
-        if want.shape() != got.shape() {
+        if want.shape() != value.shape() {
             return Err(failure(format!(
                 "the original computes shape {:?} for '{end}', the fused model {:?}",
                 want.shape(),
-                got.shape()
+                value.shape()
             )));
         }
-        scale = want.iter().fold(scale, |m, v| m.max(v.abs()));
-        abs = (want.iter().zip(got.iter())).fold(abs, |m, (a, b)| m.max((a - b).abs()));
+        got.push(value);
     }
-    let deviation = Deviation {
-        abs,
-        rel: if scale > 0.0 { abs / scale } else { abs },
-    };
+    let pairs = want
+        .iter()
+        .zip(&got)
+        .flat_map(|(w, g)| w.iter().zip(g.iter()));
     let limit = tolerance.unwrap_or_else(|| default_tolerance(plan.dtype));
-    if deviation.rel.is_nan() || deviation.rel > limit {
-        return Err(failure(format!(
-            "the fused {} differs from the original by {:.3e} relative ({:.3e} absolute), over \
-             the tolerance {limit:.1e}",
-            plan.op(),
-            deviation.rel,
-            deviation.abs
-        )));
-    }
-    Ok(deviation)
+    Deviation::between(pairs)
+        .within(limit, plan.op())
+        .map_err(failure)
 }

@@ -72,6 +72,32 @@ pub struct Deviation {
     pub rel: f64,
 }
 
+impl Deviation {
+    /// Over pairs of (reference, fused) values: the largest absolute difference, and that over
+    /// the largest absolute reference value.
+    fn between<'v>(pairs: impl Iterator<Item = (&'v f64, &'v f64)>) -> Deviation {
+        let (abs, scale) = pairs.fold((0.0f64, 0.0f64), |(abs, scale), (a, b)| {
+            (abs.max((a - b).abs()), scale.max(a.abs()))
+        });
+        Deviation {
+            abs,
+            rel: if scale > 0.0 { abs / scale } else { abs },
+        }
+    }
+
+    /// The deviation, or why it is over `limit` (relative) for the fused `op`.
+    fn within(self, limit: f64, op: &str) -> Result<Deviation, String> {
+        match self.rel.is_nan() || self.rel > limit {
+            true => Err(format!(
+                "the fused {op} differs from the original by {:.3e} relative ({:.3e} \
+                 absolute), over the tolerance {limit:.1e}",
+                self.rel, self.abs
+            )),
+            false => Ok(self),
+        }
+    }
+}
+
 /// What a check is of: a block and the fused Conv planned for it.
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
@@ -180,15 +206,7 @@ fn deviation(
             got.shape()
         ));
     }
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let abs = want
-        .iter()
-        .zip(got.iter())
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-    Ok(Deviation {
-        abs,
-        rel: if scale > 0.0 { abs / scale } else { abs },
-    })
+    Ok(Deviation::between(want.iter().zip(got.iter())))
 }
 
 /// Checks a block against its fused Conv as written (`rows`: the written weight rows of
@@ -242,15 +260,7 @@ pub fn compare(
     let deviation = deviation(expected, node, &dims, rows, bias)
         .map_err(|e| failure(subject, format!("the original could not be evaluated: {e}")))?;
     let limit = tolerance.unwrap_or_else(|| default_tolerance(subject.dtype));
-    if deviation.rel.is_nan() || deviation.rel > limit {
-        return Err(failure(
-            subject,
-            format!(
-                "the fused Conv differs from the original by {:.3e} relative ({:.3e} absolute), \
-                 over the tolerance {limit:.1e}",
-                deviation.rel, deviation.abs
-            ),
-        ));
-    }
-    Ok(deviation)
+    deviation
+        .within(limit, "Conv")
+        .map_err(|e| failure(subject, e))
 }

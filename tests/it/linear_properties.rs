@@ -6,6 +6,9 @@
 //! BatchNormalization is left and tract computes the same outputs as for the original. Then
 //! scales the same for every feature (`x + x`, a scalar `Mul`), and float16 models.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
 use crate::common::builder::Builder;
 use crate::common::*;
 use crate::properties::config;
@@ -15,28 +18,46 @@ use proptest::prelude::*;
 use prost::Message;
 use tract_onnx::prelude::*;
 
-/// Fuses `model`, checks that no BatchNormalization is left and that tract computes the same
-/// outputs for `x` (of `shape`) as for the original.
-fn folds_exactly(model: &[u8], shape: &[usize], seed: u64) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
-    std::fs::write(&src, model).unwrap();
-    let run = fuse(&src, &dst, &[]);
-    prop_assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let ops = op_histogram(&dst);
-    prop_assert_eq!(ops.get("BatchNormalization"), None, "{:?}", ops);
+/// `shape`'s worth of pseudo-random values in [-1, 1), the same for the same seed.
+fn values(shape: &[usize], seed: u64) -> Vec<f32> {
     let mut state = seed | 1;
-    let x = tract_ndarray::ArrayD::from_shape_fn(shape, |_| {
+    let n: usize = shape.iter().product();
+    let mut next = || {
         state = state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    });
-    let x: Tensor = x.into();
+    };
+    (0..n).map(|_| next()).collect()
+}
+
+/// A float32 input of `shape` (see [`values`]).
+fn input(shape: &[usize], seed: u64) -> Tensor {
+    let values = values(shape, seed);
+    tract_ndarray::ArrayD::from_shape_vec(shape, values)
+        .unwrap()
+        .into()
+}
+
+/// Writes `model` to `dir/in.onnx` and fuses it into `dir/out.onnx` (a failed run fails the
+/// test): the two paths and the fused model's op histogram.
+fn fused(dir: &Path, model: &[u8]) -> (PathBuf, PathBuf, BTreeMap<String, usize>) {
+    let (src, dst) = (dir.join("in.onnx"), dir.join("out.onnx"));
+    std::fs::write(&src, model).unwrap();
+    let run = fuse(&src, &dst, &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let ops = op_histogram(&dst);
+    (src, dst, ops)
+}
+
+/// Fuses `model`, checks that no BatchNormalization is left and that tract computes the same
+/// outputs for an input of `shape` as for the original.
+fn folds_exactly(model: &[u8], shape: &[usize], seed: u64) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, ops) = fused(dir.path(), model);
+    prop_assert_eq!(ops.get("BatchNormalization"), None, "{:?}", ops);
+    let x = input(shape, seed);
     let (want, got) = (run_tract(&src, &x), run_tract(&dst, &x));
     let rel = relative_error(&want[0], &got[0]);
     prop_assert!(rel < 1e-5, "relative error {}", rel);
@@ -200,7 +221,6 @@ proptest! {
 /// operator beside it sums over, before or after it; no bias is added where none is needed.
 #[test]
 fn uniform_scales_fold_on_any_axis() {
-    use crate::common::builder::Builder;
     // Each case builds its graph on `x` and returns its output and the output's shape.
     type Case = (&'static str, fn(&mut Builder) -> (String, Vec<i64>));
     let cases: [Case; 4] = [
@@ -241,24 +261,12 @@ fn uniform_scales_fold_on_any_axis() {
         let (z, out) = build(&mut b);
         b.output(&z, &out);
         let dir = tempfile::tempdir().unwrap();
-        let (src, dst) = (dir.path().join("in.onnx"), dir.path().join("out.onnx"));
-        std::fs::write(&src, b.build()).unwrap();
-        let run = fuse(&src, &dst, &[]);
-        assert!(
-            run.status.success(),
-            "{label}: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let ops = op_histogram(&dst);
+        let (src, dst, ops) = fused(dir.path(), &b.build());
         assert!(
             !ops.contains_key("Add") && !ops.contains_key("Mul"),
             "{label}: {ops:?}"
         );
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.37 - 1.0).collect();
-        let x: Tensor = tract_ndarray::ArrayD::from_shape_vec(shape, values)
-            .unwrap()
-            .into();
+        let x = input(shape, 7);
         let rel = relative_error(&run_tract(&src, &x)[0], &run_tract(&dst, &x)[0]);
         assert!(rel < 1e-6, "{label}: relative error {rel}");
     }
@@ -268,7 +276,6 @@ fn uniform_scales_fold_on_any_axis() {
 /// BN → Conv, compared (in tract) with the same values computed in float32.
 #[test]
 fn float16_folds_keep_half_weights_and_close_outputs() {
-    use crate::common::builder::Builder;
     use crate::properties::{round_to_f16, to_f16};
     type Case = (
         &'static str,
@@ -323,38 +330,24 @@ fn float16_folds_keep_half_weights_and_close_outputs() {
             b.build()
         };
         let dir = tempfile::tempdir().unwrap();
-        let path = |name: &str| dir.path().join(name);
-        std::fs::write(path("half.onnx"), model(true)).unwrap();
-        std::fs::write(path("single.onnx"), model(false)).unwrap();
-        let run = fuse(&path("half.onnx"), &path("out.onnx"), &[]);
-        assert!(
-            run.status.success(),
-            "{label}: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let ops = op_histogram(&path("out.onnx"));
+        let (_, out, ops) = fused(dir.path(), &model(true));
         assert!(!ops.contains_key("BatchNormalization"), "{label}: {ops:?}");
-        let bytes = std::fs::read(path("out.onnx")).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
         let graph = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
         for t in &graph.initializer {
-            assert_eq!(
-                t.data_type,
-                Some(10),
-                "{label}: {} is not float16",
-                t.name()
-            );
+            let name = t.name();
+            assert_eq!(t.data_type, Some(10), "{label}: {name} is not float16");
         }
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|i| (i % 9) as f32 * 0.25 - 1.0).collect();
-        let x32: Tensor = tract_ndarray::ArrayD::from_shape_vec(shape, values.clone())
-            .unwrap()
-            .into();
+        let single = dir.path().join("single.onnx");
+        std::fs::write(&single, model(false)).unwrap();
+        let values = values(shape, 9);
         let half: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
         let x16: Tensor = tract_ndarray::ArrayD::from_shape_vec(shape, half)
             .unwrap()
             .into();
-        let want = run_tract(&path("single.onnx"), &x32);
-        let got = run_tract(&path("out.onnx"), &x16);
+        let x32 = input(shape, 9);
+        let want = run_tract(&single, &x32);
+        let got = run_tract(&out, &x16);
         let rel = relative_error(&want[0], &got[0]);
         assert!(rel < 1e-2, "{label}: relative error {rel}");
     }

@@ -114,34 +114,20 @@ impl Window {
         Ok(out)
     }
 
-    /// The input position tap `tap` of the kernel reads at output position `at`, flattened in
-    /// `spatial` (`None`: in the padding).
+    /// `at · stride + tap · dilation − pad` on every axis, flattened in `extent` (`None`:
+    /// outside it): in a convolution or pooling, the input position tap `tap` reads at output
+    /// position `at`; in a transposed convolution, the output position input position `at`
+    /// reaches through tap `tap`.
     #[inline]
-    pub(super) fn source(&self, at: &[usize], tap: &[usize], spatial: &[usize]) -> Option<usize> {
+    pub(super) fn place(&self, at: &[usize], tap: &[usize], extent: &[usize]) -> Option<usize> {
         let mut flat = 0usize;
-        for a in 0..spatial.len() {
+        for a in 0..extent.len() {
             let i =
                 at[a] as i64 * self.strides[a] + tap[a] as i64 * self.dilations[a] - self.begin[a];
-            if i < 0 || i >= spatial[a] as i64 {
+            if i < 0 || i >= extent[a] as i64 {
                 return None;
             }
-            flat = flat * spatial[a] + i as usize;
-        }
-        Some(flat)
-    }
-
-    /// The output position input position `at` reaches through tap `tap` in a transposed
-    /// convolution, flattened in `out` (`None`: outside the output).
-    #[inline]
-    fn target(&self, at: &[usize], tap: &[usize], out: &[usize]) -> Option<usize> {
-        let mut flat = 0usize;
-        for a in 0..out.len() {
-            let o =
-                at[a] as i64 * self.strides[a] + tap[a] as i64 * self.dilations[a] - self.begin[a];
-            if o < 0 || o >= out[a] as i64 {
-                return None;
-            }
-            flat = flat * out[a] + o as usize;
+            flat = flat * extent[a] + i as usize;
         }
         Some(flat)
     }
@@ -247,7 +233,7 @@ pub(super) fn conv(node: &NodeProto, inputs: &Inputs) -> Result<Tensor, String> 
             let (mut at, mut tap) = (vec![0; rank], vec![0; rank]);
             for pos in 0..positions {
                 for t in 0..taps {
-                    if let Some(source) = window.source(&at, &tap, spatial) {
+                    if let Some(source) = window.place(&at, &tap, spatial) {
                         for o in g * out_per_group..(g + 1) * out_per_group {
                             let w_row = o * per_group * taps + t;
                             let sum: f64 = (0..per_group)
@@ -324,7 +310,7 @@ pub(super) fn conv_transpose(node: &NodeProto, inputs: &Inputs) -> Result<Tensor
             let (mut at, mut tap) = (vec![0; rank], vec![0; rank]);
             for pos in 0..plane {
                 for t in 0..taps {
-                    if let Some(target) = window.target(&at, &tap, &out) {
+                    if let Some(target) = window.place(&at, &tap, &out) {
                         for ch in g * in_per_group..(g + 1) * in_per_group {
                             let v = xs[(i * c + ch) * plane + pos];
                             for o in 0..per_group {

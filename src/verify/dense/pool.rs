@@ -55,7 +55,7 @@ pub(super) fn average_pool(node: &NodeProto, inputs: &Inputs) -> Result<Tensor, 
         for _ in 0..positions {
             let (mut sum, mut inside) = (0.0, 0usize);
             for _ in 0..taps {
-                if let Some(source) = window.source(&at, &tap, spatial) {
+                if let Some(source) = window.place(&at, &tap, spatial) {
                     sum += xs[source];
                     inside += 1;
                 }
